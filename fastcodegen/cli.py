@@ -1,0 +1,97 @@
+"""The `fastcodegen` command.
+
+    fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
+    fastcodegen convert SRC DST          convert a transformers checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from . import convert as convert_mod
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .hub import ModelNotFoundError
+    from .sampling_params import CODEGEN_STOP_PATTERNS, SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            stop_patterns=None if args.no_codegen_stops else list(CODEGEN_STOP_PATTERNS),
+        )
+        engine = Engine(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            revision=args.revision,
+            download=not args.offline,
+        )
+        if not args.no_echo:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+        shown = 0
+        finish = None
+        for out in engine.generate(prompt, params, stream=True):
+            completion = out.outputs[0]
+            sys.stdout.write(completion.text[shown:])
+            sys.stdout.flush()
+            shown = len(completion.text)
+            finish = completion.finish_reason
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(f"[finish_reason={finish}]", file=sys.stderr)
+    except (ValueError, ModelNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastcodegen", description="A fast inference engine for CodeGen models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion of a prompt")
+    g.add_argument("model", help="an official name (codegen-350M-mono ...), a Hugging Face repo id, or a directory")
+    g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as CodeGen's sampler)")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument(
+        "--no-codegen-stops",
+        action="store_true",
+        help="do not stop at CodeGen's own stop patterns (a comment, docstring or three newlines at a line start)",
+    )
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    g.add_argument("--revision", default=None)
+    g.add_argument("--offline", action="store_true", help="never download")
+    g.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
+    g.add_argument("-v", "--verbose", action="store_true")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", help="convert a transformers CodeGen checkpoint")
+    convert_mod.add_arguments(c)
+    c.set_defaults(func=convert_mod.run)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s")
+    return args.func(args)

@@ -1,0 +1,216 @@
+"""Configuration dataclasses: the model's architecture and the engine's settings.
+
+`ModelConfig` is the one description of a CodeGen architecture that the
+converter, the weight loader, the model and the registry share. It is read
+from a checkpoint's `config.json` (never assumed) or from the built-in table
+of official checkpoints in `registry.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+# The qkv projection of every released CodeGen checkpoint is split into this
+# many shards (a TPU-v4 leftover); see `convert.py`.
+QKV_SHARDS = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one CodeGen model."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    rotary_dim: int
+    vocab_size: int = 51200
+    n_positions: int = 2048
+    n_inner: int = 0  # 0 means 4 * n_embd, as in transformers
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: Optional[int] = 50256
+    eos_token_ids: tuple[int, ...] = (50256,)
+
+    def __post_init__(self) -> None:
+        if self.n_inner == 0:
+            object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        for name in ("n_layer", "n_embd", "n_head", "rotary_dim", "vocab_size", "n_positions", "n_inner"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % QKV_SHARDS:
+            raise ValueError(
+                f"model config: n_head={self.n_head} is not divisible by {QKV_SHARDS}, "
+                "the number of shards of CodeGen's qkv projection"
+            )
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(
+                f"model config: rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
+            )
+        if self.activation_function != "gelu_new":
+            raise ValueError(
+                f"model config: activation_function={self.activation_function!r} is not supported "
+                "(CodeGen uses 'gelu_new')"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def num_parameters(self) -> int:
+        d, f, v = self.n_embd, self.n_inner, self.vocab_size
+        per_layer = 2 * d + (3 * d + f) * d + f + d * (d + f) + d
+        return v * d + self.n_layer * per_layer + 2 * d + v * d + v
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.n_layer * self.n_embd * element
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Builds the config from a transformers `config.json` dict, checking it is CodeGen."""
+        model_type = hf.get("model_type")
+        architectures = hf.get("architectures") or []
+        if model_type != "codegen":
+            raise ValueError(
+                f"{source}: model_type is {model_type!r} (architectures {architectures}), not 'codegen'; "
+                "fastcodegen runs CodeGen checkpoints only"
+            )
+        missing = [k for k in ("n_layer", "n_embd", "n_head", "rotary_dim", "vocab_size") if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)}")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                n_layer=hf["n_layer"],
+                n_embd=hf["n_embd"],
+                n_head=hf["n_head"],
+                rotary_dim=hf["rotary_dim"],
+                vocab_size=hf["vocab_size"],
+                n_positions=hf.get("n_positions") or 2048,
+                n_inner=hf.get("n_inner") or 0,
+                layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                activation_function=hf.get("activation_function", "gelu_new"),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: "str | torch.dtype", device: torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA (the released checkpoints' precision) and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_device(device: "str | torch.device") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine; `Engine.__init__` documents each."""
+
+    model: str
+    device: torch.device
+    dtype: torch.dtype
+    backend: str = "torch"
+    load_format: str = "auto"
+    revision: Optional[str] = None
+    download: bool = True
+    cache_dir: Optional[str] = None
+    seed: Optional[int] = 0
+    max_model_len: int = 2048
+    block_size: int = 16
+    kv_cache_tokens: Optional[int] = None
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch",):
+            raise ValueError(f"backend must be 'auto' or 'torch', got {self.backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_tokens is not None and (
+            not isinstance(self.kv_cache_tokens, int) or self.kv_cache_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                f"kv_cache_tokens must be an integer of at least max_model_len={self.max_model_len} "
+                f"(one full-length sequence must fit), got {self.kv_cache_tokens!r}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least "
+                f"max_model_len={self.max_model_len}, so that any prompt can be prefilled"
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")

@@ -1,0 +1,61 @@
+"""What `Engine.generate` returns: one RequestOutput per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a prompt.
+
+    Attributes:
+        index: which of the request's `n` completions this is.
+        text: the generated text, without a matched stop string or pattern and
+            without special tokens (unless skip_special_tokens=False).
+        token_ids: the generated token ids, including a token that ended the
+            completion (an end-of-text or stop token, or the token that
+            completed a stop string).
+        finish_reason: "stop" (end-of-text, a stop string, token or pattern),
+            "length" (max_tokens or the context end), "abort", or None while
+            still running.
+        stop_reason: what stopped it: the stop string or pattern matched, or
+            the stop token id; None otherwise.
+        logprobs: with SamplingParams.logprobs set, one dict per generated
+            token mapping token ids (the top `logprobs` and the sampled one) to
+            log-probabilities; None otherwise.
+        cumulative_logprob: the sum of the sampled tokens' log-probabilities,
+            with logprobs set; None otherwise.
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Union[str, int, None] = None
+    logprobs: Optional[list[dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The completions of one prompt.
+
+    Attributes:
+        request_id: the engine's id for the request.
+        prompt: the prompt text, when it was given as text.
+        prompt_token_ids: the prompt's token ids.
+        outputs: the `n` completions, in index order.
+        finished: whether every completion has finished.
+    """
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False

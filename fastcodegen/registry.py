@@ -1,0 +1,37 @@
+"""The official CodeGen checkpoints, known by name without a network.
+
+Twelve checkpoints, `Salesforce/codegen-{350M,2B,6B,16B}-{nl,multi,mono}`, in
+four sizes; the three variants of a size share one architecture. A name here
+resolves offline, and `load_format="dummy"` builds its real shapes from this
+table alone. A real load reads the checkpoint's own `config.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import ModelConfig
+
+HF_ORG = "Salesforce"
+
+_SIZES: dict[str, ModelConfig] = {
+    "350M": ModelConfig(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32),
+    "2B": ModelConfig(n_layer=32, n_embd=2560, n_head=32, rotary_dim=64),
+    "6B": ModelConfig(n_layer=33, n_embd=4096, n_head=16, rotary_dim=64),
+    "16B": ModelConfig(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64),
+}
+_VARIANTS = ("nl", "multi", "mono")
+
+MODELS: dict[str, ModelConfig] = {
+    f"codegen-{size}-{variant}": config for size, config in _SIZES.items() for variant in _VARIANTS
+}
+
+
+def official_name(model: str) -> Optional[str]:
+    """'codegen-2B-mono' or 'Salesforce/codegen-2B-mono' -> 'codegen-2B-mono'; None if not official."""
+    name = model.removeprefix(f"{HF_ORG}/")
+    return name if name in MODELS else None
+
+
+def repo_id(name: str) -> str:
+    return f"{HF_ORG}/{name}"

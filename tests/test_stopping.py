@@ -1,0 +1,190 @@
+"""Stop strings (also across token boundaries), stop token ids and stop patterns.
+
+References: transformers' greedy tokens decoded by transformers' tokenizer,
+cut by hand at the stop; and transformers' own `CodeGenTokenizer.truncate`
+for the pattern semantics.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import hf_greedy
+from fastcodegen import CODEGEN_STOP_PATTERNS, SamplingParams
+from fastcodegen.stopping import StopRules
+
+PROMPT = "import os\n\ndef main(args):\n    for name in args:\n"
+MAX = 40
+
+
+@pytest.fixture
+def setup(engine_factory, tokenizer_dir):
+    engine, hf = engine_factory("hd64")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tok(PROMPT)["input_ids"]
+    ref = hf_greedy(hf, ids, MAX)
+    return engine, tok, ref
+
+
+def _first_tokens_containing(tok, ref, needle):
+    """The shortest prefix of `ref` whose decoded text contains `needle`."""
+    for j in range(1, len(ref) + 1):
+        if needle in tok.decode(ref[:j], skip_special_tokens=True):
+            return ref[:j]
+    raise AssertionError("needle not found")
+
+
+def _token_boundaries(tok, ref):
+    """Character offsets in the decoded text where one token ends and the next begins."""
+    text = tok.decode(ref, skip_special_tokens=True)
+    out = []
+    for i in range(1, len(ref)):
+        prefix = tok.decode(ref[:i], skip_special_tokens=True)
+        if text.startswith(prefix) and 0 < len(prefix) < len(text):
+            out.append(len(prefix))
+    return text, out
+
+
+def test_stop_string_spanning_tokens(setup, fresh_seed):
+    engine, tok, ref = setup
+    text, bounds = _token_boundaries(tok, ref)
+    rng = random.Random(fresh_seed)
+    # Not across a replacement character: where the bytes of an incomplete
+    # UTF-8 character stand, a prefix decode shows U+FFFD at once while the
+    # engine waits for the next token to tell whether the character completes.
+    b = rng.choice([b for b in bounds if 2 <= b <= len(text) - 2 and "\ufffd" not in text[b - 2 : b + 2]])
+    stop = text[b - 2 : b + 2]  # two characters of each token
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop
+    assert out.text == text[: text.find(stop)]
+    assert out.token_ids == _first_tokens_containing(tok, ref, stop)
+
+
+def test_earliest_of_several_stop_strings_wins(setup):
+    engine, tok, ref = setup
+    text, bounds = _token_boundaries(tok, ref)
+    clean = [b for b in bounds if 1 <= b <= len(text) - 3 and "\ufffd" not in text[b - 1 : b + 2]]
+    late, early = text[clean[-1] : clean[-1] + 3], text[clean[0] - 1 : clean[0] + 1]
+    first = min((text.find(s), s) for s in (late, early))
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[late, early], ignore_eos=True))[0].outputs[0]
+    assert out.text == text[: first[0]]
+    assert out.stop_reason == first[1]
+
+
+def test_stop_token_id(setup):
+    engine, tok, ref = setup
+    stop_id = ref[len(ref) // 2]
+    k = ref.index(stop_id)
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_token_ids=[stop_id], ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop_id
+    assert out.token_ids == ref[: k + 1]
+    assert out.text == tok.decode(ref[:k], skip_special_tokens=True)
+
+
+def test_stop_pattern_cuts_before_the_first_match(setup, fresh_seed):
+    engine, tok, ref = setup
+    text = tok.decode(ref, skip_special_tokens=True)
+    rng = random.Random(fresh_seed)
+    m = rng.choice([m for m in range(1, len(text) - 3) if "\ufffd" not in text[m : m + 3]])
+    pattern = re.escape(text[m : m + 3])
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_patterns=[pattern], ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == pattern
+    assert out.text == text[: re.search(pattern, text, re.MULTILINE).start()]
+
+
+def test_streamed_text_is_never_taken_back(setup):
+    engine, tok, ref = setup
+    text = tok.decode(ref, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    final = None
+    seen = []
+    for snap in engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=stop, ignore_eos=True), stream=True):
+        seen.append(snap.outputs[0].text)
+        final = snap.outputs[0].text
+    assert final == text[: text.find(stop)]
+    assert all(final.startswith(s) for s in seen)
+
+
+# ---------------------------------------------------------------- pattern semantics, as CodeGen's truncate
+
+CODE_SAMPLES = [
+    "    return a + b\n\n# test\nprint(add(1, 2))\n",
+    "    x = 1\n'''doc'''\n",
+    '    """inner docstring"""\n    return 1\n"""\n',
+    "    pass\n\n\n\ndef other():\n",
+    "# leading comment\n    body\n",
+    "    s = '<|endoftext|>'\n",
+    "    if x:\n        y = 2\n    return y\n",
+]
+
+
+@pytest.mark.parametrize("completion", CODE_SAMPLES)
+def test_patterns_cut_like_codegen_truncate(completion, fresh_seed, tokenizer_dir):
+    from transformers.models.codegen.tokenization_codegen import CodeGenTokenizer
+
+    expected = CodeGenTokenizer.truncate(None, completion, list(CODEGEN_STOP_PATTERNS))
+    rules = StopRules(SamplingParams(stop_patterns=list(CODEGEN_STOP_PATTERNS)), frozenset(), 2048)
+    # Feed the text in random chunks, as tokens would arrive.
+    rng = random.Random(fresh_seed)
+    text, stop = "", None
+    i = 0
+    while i < len(completion) and stop is None:
+        j = min(len(completion), i + rng.randint(1, 4))
+        old = len(text)
+        text += completion[i:j]
+        stop = rules.on_text(text, old)
+        i = j
+    got = text[: stop.cut] if stop is not None else text
+    assert got == expected
+
+
+def test_stop_string_split_across_chunks_is_found_once_complete():
+    rules = StopRules(SamplingParams(stop=["STOP"]), frozenset(), 2048)
+    text = ""
+    results = []
+    for chunk in ["abc S", "T", "O", "P tail"]:
+        old = len(text)
+        text += chunk
+        results.append(rules.on_text(text, old))
+    assert results[:3] == [None, None, None]
+    assert results[3].cut == 4 and results[3].detail == "STOP"
+
+
+def test_empty_matching_pattern_rejected():
+    with pytest.raises(ValueError, match="stop_patterns"):
+        SamplingParams(stop_patterns=["x*"])
+
+
+def test_stops_with_sampling_still_respect_max_tokens(setup, fresh_seed):
+    engine, _, _ = setup
+    out = engine.generate(
+        PROMPT, SamplingParams(temperature=1.0, seed=fresh_seed % 10000, max_tokens=5, stop=["\x00\x01"], ignore_eos=True)
+    )[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize(
+    "text, stable",
+    [
+        ("abc", 0),  # the whole text is its last line
+        ("abc\ndef", 4),
+        ("abc\n\n", 3),  # the newlines may grow into '\n\n\n'
+        ("abc\n\nx", 5),
+        ("a\nb\n", 3),
+    ],
+)
+def test_streamed_text_holds_back_where_a_pattern_may_still_match(text, stable):
+    rules = StopRules(SamplingParams(stop_patterns=list(CODEGEN_STOP_PATTERNS)), frozenset(), 2048)
+    assert rules.stable_len(text) == stable
+    # Whatever follows, CodeGen's truncate never cuts before the stable part.
+    from transformers.models.codegen.tokenization_codegen import CodeGenTokenizer
+
+    for tail in ("\n", "\n#", "#", "\n\n", "'''", "x\n\n\n"):
+        assert len(CodeGenTokenizer.truncate(None, text + tail, list(CODEGEN_STOP_PATTERNS))) >= stable
