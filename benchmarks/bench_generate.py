@@ -45,25 +45,31 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def time_fastcodegen(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    device = engine.config.device
-    full = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    engine.generate(prompt_token_ids=prompts, sampling_params=first, use_tqdm=False)  # warm-up
+def _time(run, new_tokens: int, repeats: int, device: torch.device) -> dict:
+    """Best of `repeats` for run(1) (time to first token) and run(new_tokens); decode = the difference per step."""
+    run(1)  # warm-up
     ttft, total = [], []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        engine.generate(prompt_token_ids=prompts, sampling_params=first, use_tqdm=False)
+        run(1)
         _sync(device)
         t1 = time.perf_counter()
-        engine.generate(prompt_token_ids=prompts, sampling_params=full, use_tqdm=False)
+        run(new_tokens)
         _sync(device)
         t2 = time.perf_counter()
         ttft.append(t1 - t0)
         total.append(t2 - t1)
     ttft_s, total_s = min(ttft), min(total)
     return {"ttft_ms": 1e3 * ttft_s, "decode_ms_per_step": 1e3 * (total_s - ttft_s) / (new_tokens - 1)}
+
+
+def time_fastcodegen(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    def run(n: int) -> None:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+
+    return _time(run, new_tokens, repeats, engine.config.device)
 
 
 def time_transformers(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
@@ -89,21 +95,7 @@ def time_transformers(engine: Engine, prompts: list[list[int]], new_tokens: int,
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    run(1)
-    ttft, total = [], []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        run(1)
-        _sync(device)
-        t1 = time.perf_counter()
-        run(new_tokens)
-        _sync(device)
-        t2 = time.perf_counter()
-        ttft.append(t1 - t0)
-        total.append(t2 - t1)
-    ttft_s, total_s = min(ttft), min(total)
-    return {"ttft_ms": 1e3 * ttft_s, "decode_ms_per_step": 1e3 * (total_s - ttft_s) / (new_tokens - 1)}
+    return _time(run, new_tokens, repeats, device)
 
 
 def main() -> None:

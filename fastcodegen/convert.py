@@ -45,16 +45,8 @@ import torch
 from safetensors import safe_open
 
 from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype
+from .tokenizer import TOKENIZER_FILES
 from .weights import CONFIG_FILE, WEIGHTS_FILE, converted_metadata, is_converted, read_converted_config, tensor_shapes
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
 
 # Buffers some transformers versions saved with the weights; not parameters.
 _IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(causal_mask|masked_bias|bias|embed_positions)$")

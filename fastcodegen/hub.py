@@ -20,18 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import registry
-
-# What a checkpoint needs besides weights; weights are chosen per repository.
-_CONFIG_AND_TOKENIZER = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-]
-
+from .tokenizer import TOKENIZER_FILES
 
 class ModelNotFoundError(FileNotFoundError):
     """The model named could not be found locally nor downloaded."""
@@ -129,5 +118,5 @@ def _download(repo: str, revision: Optional[str], cache: Path) -> Path:
         weights = ["*.safetensors", "model.safetensors.index.json"]
     else:
         weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-    path = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=_CONFIG_AND_TOKENIZER + weights)
+    path = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=["config.json", *TOKENIZER_FILES, *weights])
     return Path(path)

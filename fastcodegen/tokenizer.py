@@ -21,6 +21,16 @@ from typing import Optional
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
+# The files a checkpoint's tokenizer may consist of.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
+
 
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE's printable stand-ins for the 256 byte values, inverted."""

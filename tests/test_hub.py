@@ -68,16 +68,11 @@ def test_official_name():
 # --------------------------------------------------------------------------- dummy weights
 
 
+DUMMY_350M = dict(load_format="dummy", device="cpu", dtype="bfloat16", kv_cache_tokens=2048, progress=False, seed=7)
+
+
 def test_dummy_350M_engine_builds_offline():
-    engine = Engine(
-        "codegen-350M-mono",
-        load_format="dummy",
-        device="cpu",
-        dtype="bfloat16",
-        kv_cache_tokens=2048,
-        progress=False,
-        seed=7,
-    )
+    engine = Engine("codegen-350M-mono", **DUMMY_350M)
     mc = engine.model_config
     arch = ARCHITECTURES["350M"]
     assert (mc.n_layer, mc.n_embd, mc.n_head, mc.rotary_dim) == tuple(arch.values())
@@ -109,15 +104,7 @@ def test_dummy_350M_engine_builds_offline():
     # The same seed gives the same weights.
     wte, w_in_last = w.wte.clone(), w.layers[-1].w_in[:64].clone()
     del engine, w, out
-    again = Engine(
-        "codegen-350M-mono",
-        load_format="dummy",
-        device="cpu",
-        dtype="bfloat16",
-        kv_cache_tokens=2048,
-        progress=False,
-        seed=7,
-    )
+    again = Engine("codegen-350M-mono", **DUMMY_350M)
     assert torch.equal(again._runner.model.weights.wte, wte)
     assert torch.equal(again._runner.model.weights.layers[-1].w_in[:64], w_in_last)
 
