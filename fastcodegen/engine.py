@@ -129,7 +129,7 @@ class Engine:
         if load_format == "dummy":
             weights = dummy_weights(model_config, dev, dt, seed=seed)
         else:
-            weights = load_weights(source, model_config, dev, dt)
+            weights = load_weights(source, model_config, dev, dt, progress=progress)
         self._runner = ModelRunner(model_config, self.config, weights)
         kv = self._runner.kv_cache
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", kv.num_blocks, kv.block_size, kv.num_tokens)

@@ -111,17 +111,23 @@ def read_converted_config(path: Path) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_dict(meta["model"]), meta
 
 
-def load_weights(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CodeGenWeights:
+def load_weights(
+    path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> CodeGenWeights:
     """Maps `model.safetensors` and moves each tensor to `device` as `dtype`.
 
     The file is memory-mapped; a tensor already in the right dtype on the CPU
     stays a view of the mapping, elsewhere it is copied once to its place.
     """
+    from tqdm.auto import tqdm
+
     expected = tensor_shapes(config)
     file = path / WEIGHTS_FILE
 
     def named() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with safe_open(str(file), framework="pt", device="cpu") as f, tqdm(
+            total=file.stat().st_size, unit="B", unit_scale=True, desc="loading weights", disable=not progress
+        ) as bar:
             present = set(f.keys())
             for name, shape in expected.items():
                 if name not in present:
@@ -130,6 +136,7 @@ def load_weights(path: Path, config: ModelConfig, device: torch.device, dtype: t
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{file}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
                 yield name, t.to(device=device, dtype=dtype)
+                bar.update(t.numel() * t.element_size())
 
     return CodeGenWeights.from_named(config, named())
 
