@@ -14,12 +14,12 @@ Two things happen to the weights besides fusing them:
   (`mp_num = 4`) of 3d/4 rows, each ordered q, v, k; heads are numbered shard
   by shard. `W.view(4, 3, d/4, d)[:, j].reshape(d, d)` for j = 0, 1, 2 gives
   Wq, Wv, Wk with ordinary per-head row blocks.
-* **The rotary permutation.** CodeGen rotates interleaved pairs
-  (x[2i], x[2i+1]) of the first rotary_dim dims of each q and k head.
-  Reordering those rows as [0, 2, 4, .., 1, 3, 5, ..] in Wq and Wk turns it into
-  the half-split rotation (pairs (x[i], x[i + rd/2])), which kernels do without
-  lane shuffles. q.k is unchanged because q and k are permuted alike; V is not
-  permuted.
+* **The rotary regrouping.** CodeGen rotates interleaved pairs
+  (x[2i], x[2i+1]) of the first rotary_dim dims of each q and k head. The
+  rows of Wq and Wk are regrouped (`weights.InProjLayout`) so that each head
+  reads as half-split pairs (x[i], x[i + rd/2]), which kernels rotate without
+  lane shuffles. q.k is unchanged because q and k are regrouped alike; V is
+  not.
 
 The conversion streams: the output header is computed from the config first,
 then one layer at a time is read (memory-mapped), fused and written, so a 16B
@@ -189,13 +189,6 @@ def check_source(src: SourceCheckpoint) -> None:
 # --------------------------------------------------------------------------- the transformation
 
 
-def rotary_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
-    """Row order within a head that turns interleaved rotary pairs into half-split ones."""
-    return torch.cat(
-        [torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2), torch.arange(rotary_dim, head_dim)]
-    )
-
-
 def split_qkv(qkv: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CodeGen's [3d, d] qkv_proj weight -> (Wq, Wk, Wv), each [d, d] with per-head row blocks."""
     d = config.n_embd
@@ -204,10 +197,16 @@ def split_qkv(qkv: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, tor
     return wq, wk, wv
 
 
-def _permute_rotary_rows(w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    hd = config.head_dim
-    perm = rotary_permutation(hd, config.rotary_dim)
-    return w.view(config.n_head, hd, -1)[:, perm].reshape(w.shape)
+def _rotary_groups(w: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A q or k weight [d, d] (per-head rows, interleaved rotary pairs) -> its rows (first, second, pass).
+
+    first = rows 0, 2, .., rd-2 of each head; second = rows 1, 3, .., rd-1;
+    pass = rows rd .. hd-1; each stacked head after head.
+    """
+    rd = config.rotary_dim
+    heads = w.view(config.n_head, config.head_dim, -1)
+    first, second, rest = heads[:, 0:rd:2], heads[:, 1:rd:2], heads[:, rd:]
+    return tuple(t.reshape(-1, w.shape[1]) for t in (first, second, rest))
 
 
 def convert_layer(src: SourceCheckpoint, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -216,13 +215,14 @@ def convert_layer(src: SourceCheckpoint, i: int, dtype: torch.dtype) -> dict[str
     h = f"transformer.h.{i}"
     get = lambda name: src.get(f"{h}.{name}").to(dtype)  # noqa: E731
     wq, wk, wv = split_qkv(get("attn.qkv_proj.weight"), c)
-    fc_in_w = get("mlp.fc_in.weight")
-    fc_in_b = get("mlp.fc_in.bias")
+    q1, q2, qp = _rotary_groups(wq, c)
+    k1, k2, kp = _rotary_groups(wk, c)
+    w_in = torch.cat([q1, k1, q2, k2, qp, kp, wv, get("mlp.fc_in.weight")])  # InProjLayout's order
     return {
         f"layers.{i}.ln.weight": get("ln_1.weight"),
         f"layers.{i}.ln.bias": get("ln_1.bias"),
-        f"layers.{i}.w_in": torch.cat([_permute_rotary_rows(wq, c), _permute_rotary_rows(wk, c), wv, fc_in_w]),
-        f"layers.{i}.b_in": torch.cat([torch.zeros(3 * c.n_embd, dtype=dtype), fc_in_b]),
+        f"layers.{i}.w_in": w_in,
+        f"layers.{i}.b_in": torch.cat([torch.zeros(3 * c.n_embd, dtype=dtype), get("mlp.fc_in.bias")]),
         f"layers.{i}.w_out": torch.cat([get("attn.out_proj.weight"), get("mlp.fc_out.weight")], dim=1),
         f"layers.{i}.b_out": get("mlp.fc_out.bias"),
     }

@@ -4,18 +4,27 @@ A converted checkpoint is a directory with `fastcodegen.json` (the model config
 and a format version) and `model.safetensors` holding, per layer `i`:
 
     layers.{i}.ln.weight, layers.{i}.ln.bias   [d]         ln_1
-    layers.{i}.w_in                            [3d + f, d] rows: q | k | v | fc_in
-    layers.{i}.b_in                            [3d + f]    zeros | fc_in bias
+    layers.{i}.w_in                            [3d + f, d] q, k, v and fc_in rows (order below)
+    layers.{i}.b_in                            [3d + f]    zeros, then the fc_in bias
     layers.{i}.w_out                           [d, d + f]  columns: out_proj | fc_out
     layers.{i}.b_out                           [d]         fc_out bias
 
 plus `wte` [V, d], `ln_f.weight`/`ln_f.bias` [d], `lm_head.weight` [V, d] and
 `lm_head.bias` [V] (d = n_embd, f = n_inner, V = vocab_size). Thanks to the
 parallel residual a layer is two GEMMs: `ln(x) @ w_in^T` and
-`[attn | gelu(mlp)] @ w_out^T`. q, k and v rows are ordinary per-head blocks
-(head h is rows h*hd .. (h+1)*hd) and the first rotary_dim rows of each q and
-k head are permuted from CodeGen's interleaved rotary pairs to the half-split
-order, so rotary is `x * cos + rotate_half(x) * sin` (see `convert.py`).
+`[attn | gelu(mlp)] @ w_out^T`.
+
+The rows of `w_in` are grouped for the fused projection kernel
+(`InProjLayout`): `[Q1 | K1 | Q2 | K2 | QP | KP | V | M]`. With r = rotary_dim/2,
+Q1 holds rows 0, 2, .., rotary_dim-2 of every q head (head after head, r rows
+each), Q2 rows 1, 3, .., rotary_dim-1, QP the rows past rotary_dim; K1, K2, KP
+the same for k; V the v heads as they are; M fc_in. Reassembled per head as
+[Q1 | Q2 | QP], a head's dims are CodeGen's interleaved rotary pairs
+(x[2i], x[2i+1]) regrouped into the half-split pairs (x[i], x[i + r]), so
+rotary is `x * cos + rotate_half(x) * sin`; q.k is unchanged because q and k
+are regrouped alike (V is not). And a kernel finds the partner of a Q1 or K1
+column at a fixed distance (`InProjLayout.rotary_partner`) in the same GEMM,
+so rotary is an elementwise epilogue.
 """
 
 from __future__ import annotations
@@ -30,9 +39,88 @@ from safetensors import safe_open
 
 from .config import ModelConfig, dtype_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "fastcodegen.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class InProjLayout:
+    """Where q, k, v and fc_in live among the output columns of `ln(x) @ w_in^T`."""
+
+    n_head: int
+    head_dim: int
+    rotary_dim: int
+    n_embd: int
+    n_inner: int
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "InProjLayout":
+        return cls(config.n_head, config.head_dim, config.rotary_dim, config.n_embd, config.n_inner)
+
+    @property
+    def half(self) -> int:  # r: rotary pairs per head
+        return self.rotary_dim // 2
+
+    @property
+    def rotary_width(self) -> int:  # columns of Q1 (and of each of K1, Q2, K2)
+        return self.n_head * self.half
+
+    @property
+    def pass_dim(self) -> int:  # dims per head past the rotary ones
+        return self.head_dim - self.rotary_dim
+
+    @property
+    def rotary_partner(self) -> int:  # Q1/K1 column c pairs with column c + rotary_partner
+        return 2 * self.rotary_width
+
+    def _span(self, start: int, width: int) -> slice:
+        return slice(start, start + width)
+
+    @property
+    def q1(self) -> slice:
+        return self._span(0, self.rotary_width)
+
+    @property
+    def k1(self) -> slice:
+        return self._span(self.rotary_width, self.rotary_width)
+
+    @property
+    def q2(self) -> slice:
+        return self._span(2 * self.rotary_width, self.rotary_width)
+
+    @property
+    def k2(self) -> slice:
+        return self._span(3 * self.rotary_width, self.rotary_width)
+
+    @property
+    def qp(self) -> slice:
+        return self._span(4 * self.rotary_width, self.n_head * self.pass_dim)
+
+    @property
+    def kp(self) -> slice:
+        return self._span(self.qp.stop, self.n_head * self.pass_dim)
+
+    @property
+    def v(self) -> slice:
+        return self._span(self.kp.stop, self.n_embd)
+
+    @property
+    def m(self) -> slice:
+        return self._span(self.v.stop, self.n_inner)
+
+    @property
+    def width(self) -> int:
+        return self.m.stop
+
+    def heads(self, y: torch.Tensor, which: str) -> torch.Tensor:
+        """q or k [T, n_head, head_dim] (half-split order) from GEMM output columns y [T, width]."""
+        t, h = y.shape[0], self.n_head
+        first, second, rest = (self.q1, self.q2, self.qp) if which == "q" else (self.k1, self.k2, self.kp)
+        return torch.cat(
+            [y[:, first].view(t, h, self.half), y[:, second].view(t, h, self.half), y[:, rest].view(t, h, self.pass_dim)],
+            dim=-1,
+        )
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -165,7 +253,7 @@ def converted_metadata(config: ModelConfig, dtype: torch.dtype, source: Optional
         "format_version": FORMAT_VERSION,
         "architecture": "codegen",
         "dtype": dtype_name(dtype),
-        "layout": "fused w_in [q|k|v|fc_in], w_out [out_proj|fc_out]; rotary half-split",
+        "layout": "w_in rows [Q1|K1|Q2|K2|QP|KP|V|M], w_out columns [out_proj|fc_out]; rotary half-split",
         "model": config.to_dict(),
         "source": source or {},
     }

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import fastcodegen.convert as convert_mod
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.convert import _StreamingSafetensorsWriter, convert
+from fastcodegen.weights import FORMAT_VERSION
 
 from conftest import TOKENIZER_SIZE, hf_greedy
 
@@ -62,8 +63,11 @@ def expected_layout(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     c = model.config
     d, nh, rd = c.n_embd, c.n_head, c.rotary_dim
     hd = d // nh
-    within_head = list(range(0, rd, 2)) + list(range(1, rd, 2)) + list(range(rd, hd))
-    rows = torch.tensor([h * hd + j for h in range(nh) for j in within_head])
+    # Row groups of w_in: [Q1 | K1 | Q2 | K2 | QP | KP | V | M]: the even rotary
+    # rows of every head, then the odd ones, then the rows past rotary_dim.
+    first = torch.tensor([h * hd + j for h in range(nh) for j in range(0, rd, 2)])
+    second = torch.tensor([h * hd + j for h in range(nh) for j in range(1, rd, 2)])
+    rest = torch.tensor([h * hd + j for h in range(nh) for j in range(rd, hd)], dtype=torch.long)
 
     out = {"wte": sd["transformer.wte.weight"]}
     for i in range(c.n_layer):
@@ -73,7 +77,7 @@ def expected_layout(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         fc_in_w, fc_in_b = sd[p + "mlp.fc_in.weight"], sd[p + "mlp.fc_in.bias"]
         out[f"layers.{i}.ln.weight"] = sd[p + "ln_1.weight"]
         out[f"layers.{i}.ln.bias"] = sd[p + "ln_1.bias"]
-        out[f"layers.{i}.w_in"] = torch.cat([q[rows], k[rows], v, fc_in_w])
+        out[f"layers.{i}.w_in"] = torch.cat([q[first], k[first], q[second], k[second], q[rest], k[rest], v, fc_in_w])
         out[f"layers.{i}.b_in"] = torch.cat([torch.zeros(3 * d), fc_in_b])
         out[f"layers.{i}.w_out"] = torch.cat([sd[p + "attn.out_proj.weight"], sd[p + "mlp.fc_out.weight"]], dim=1)
         out[f"layers.{i}.b_out"] = sd[p + "mlp.fc_out.bias"]
@@ -93,8 +97,16 @@ def test_expected_layout_is_transformers_attention(checkpoint):
     layout = expected_layout(hf, torch.float32)
     w_in = layout["layers.0.w_in"]
     x = torch.randn(5, d, generator=torch.Generator().manual_seed(0))
-    q, k, v = (x @ w_in[j * d : (j + 1) * d].T for j in range(3))
-    q, k, v = (t.view(5, nh, hd) for t in (q, k, v))
+    y = x @ w_in.T
+    r, pw = nh * rd // 2, nh * (hd - rd)
+
+    def head_dims(first, second, rest):
+        # per head: its first-half rotary dims, second-half ones, then the rest
+        return torch.cat([first.view(5, nh, rd // 2), second.view(5, nh, rd // 2), rest.view(5, nh, hd - rd)], -1)
+
+    q = head_dims(y[:, :r], y[:, 2 * r : 3 * r], y[:, 4 * r : 4 * r + pw])
+    k = head_dims(y[:, r : 2 * r], y[:, 3 * r : 4 * r], y[:, 4 * r + pw : 4 * r + 2 * pw])
+    v = y[:, 4 * r + 2 * pw : 4 * r + 2 * pw + d].view(5, nh, hd)
     # The same rotation in half-split form on the permuted rows.
     pos = torch.arange(5, dtype=torch.float32)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
@@ -178,7 +190,7 @@ def test_convert_writes_the_layout(checkpoint, tmp_path, source_dtype, dtype, st
     assert convert(src, dst, dtype=dtype, progress=False) == dst
 
     meta = json.loads((dst / "fastcodegen.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == FORMAT_VERSION
     assert meta["dtype"] == str(stored).removeprefix("torch.")
     assert meta["model"]["n_embd"] == hf.config.n_embd and meta["model"]["n_layer"] == hf.config.n_layer
     # Tokenizer files travel along.
@@ -388,7 +400,7 @@ def test_module_command_line(checkpoint, tmp_path):
     dst = tmp_path / "cli"
     r = _run([sys.executable, "-m", "fastcodegen.convert", str(src), str(dst), "--quiet"])
     assert r.returncode == 0, r.stderr
-    assert json.loads((dst / "fastcodegen.json").read_text())["format_version"] == 1
+    assert json.loads((dst / "fastcodegen.json").read_text())["format_version"] == FORMAT_VERSION
     cache = tmp_path / "cache"
     engine = Engine(str(dst), device="cpu", progress=False, cache_dir=str(cache))
     assert not cache.exists()  # already converted: nothing converted again
@@ -408,7 +420,7 @@ def test_console_script(checkpoint, tmp_path):
     r = _run([str(exe), "convert", str(src), str(dst), "--quiet", "--dtype", "float16"])
     assert r.returncode == 0, r.stderr
     meta = json.loads((dst / "fastcodegen.json").read_text())
-    assert meta["format_version"] == 1 and meta["dtype"] == "float16"
+    assert meta["format_version"] == FORMAT_VERSION and meta["dtype"] == "float16"
     # fp32 engine over fp16-stored weights: transformers over the same rounded weights.
     engine = Engine(str(dst), device="cpu", dtype="float32", progress=False)
     rounded = copy.deepcopy(hf).half().float()
@@ -491,7 +503,7 @@ def test_stale_cached_conversion_is_redone(checkpoint, tmp_path, monkeypatch):
     engine = Engine(str(src), device="cpu", progress=False, cache_dir=str(cache))
     assert len(calls) == 1
     assert _converted_dirs(cache) == [converted]
-    assert json.loads((converted / "fastcodegen.json").read_text())["format_version"] == 1
+    assert json.loads((converted / "fastcodegen.json").read_text())["format_version"] == FORMAT_VERSION
     _assert_matches_transformers(engine, hf)
 
     # Pointed at directly, an old conversion is refused with a hint rather than misread.

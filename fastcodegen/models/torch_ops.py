@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..config import ModelConfig
-from ..weights import CodeGenWeights, LayerWeights
+from ..weights import CodeGenWeights, InProjLayout, LayerWeights
 
 
 def rotary_tables(rotary_dim: int, max_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +78,7 @@ def paged_attention(
 class TorchOps:
     def __init__(self, config: ModelConfig, device: torch.device):
         self.config = config
+        self.layout = InProjLayout.of(config)
         self.cos, self.sin = rotary_tables(config.rotary_dim, config.n_positions, device)
         self.scale = math.sqrt(config.head_dim)
 
@@ -85,15 +86,15 @@ class TorchOps:
         self, x: torch.Tensor, layer: LayerWeights, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns q [T, H, D] float32 (rotated) and gelu(fc_in(ln(x))) [T, f]; stores K and V."""
-        c = self.config
-        t, d, h, hd = x.shape[0], c.n_embd, c.n_head, c.head_dim
-        ln = F.layer_norm(x, (d,), layer.ln_weight, layer.ln_bias, c.layer_norm_epsilon)
-        q, k, v, m = F.linear(ln, layer.w_in, layer.b_in).split([d, d, d, c.n_inner], dim=-1)
+        c, layout = self.config, self.layout
+        ln = F.layer_norm(x, (c.n_embd,), layer.ln_weight, layer.ln_bias, c.layer_norm_epsilon)
+        y = F.linear(ln, layer.w_in, layer.b_in)  # [T, 3d + f]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        q = apply_rotary(q.reshape(t, h, hd).float(), cos, sin)
-        k = apply_rotary(k.reshape(t, h, hd).float(), cos, sin)
-        store_kv(k.to(x.dtype), v.reshape(t, h, hd), k_cache, v_cache, batch.slot_mapping)
-        return q, F.gelu(m, approximate="tanh")
+        q = apply_rotary(layout.heads(y, "q").float(), cos, sin)
+        k = apply_rotary(layout.heads(y, "k").float(), cos, sin)
+        v = y[:, layout.v].view(-1, c.n_head, c.head_dim)
+        store_kv(k.to(x.dtype), v, k_cache, v_cache, batch.slot_mapping)
+        return q, F.gelu(y[:, layout.m], approximate="tanh")
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
         return paged_attention(q, k_cache, v_cache, batch, self.scale).reshape(q.shape[0], -1)
