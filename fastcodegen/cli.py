@@ -34,6 +34,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.model,
             device=args.device,
             dtype=args.dtype,
+            backend=args.backend,
             load_format=args.load_format,
             revision=args.revision,
             download=not args.offline,
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
+    g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     g.add_argument("--revision", default=None)
     g.add_argument("--offline", action="store_true", help="never download")

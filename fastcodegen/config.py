@@ -188,8 +188,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        if self.backend not in ("torch",):
-            raise ValueError(f"backend must be 'auto' or 'torch', got {self.backend!r}")
+        if self.backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
 import operator
@@ -26,7 +27,6 @@ from .weights import dummy_weights, is_converted, load_weights, read_converted_c
 
 logger = logging.getLogger("fastcodegen")
 
-_BACKENDS = ("auto", "torch")
 
 
 class Engine:
@@ -48,7 +48,9 @@ class Engine:
         device: "cuda", "cpu", or "auto" (CUDA when available).
         dtype: "float16", "bfloat16", "float32", or "auto" (float16 on CUDA,
             float32 on the CPU).
-        backend: "torch" (the PyTorch implementation) or "auto".
+        backend: "triton" (the Triton kernels; CUDA, or the CPU under
+            TRITON_INTERPRET=1), "torch" (plain PyTorch, any device), or
+            "auto": triton on CUDA when Triton is installed, else torch.
         load_format: "auto" (the checkpoint's weights) or "dummy" (seeded
             random weights at the model's real shapes: benchmarks without a
             download).
@@ -94,9 +96,8 @@ class Engine:
         max_num_batched_tokens: Optional[int] = None,
         progress: bool = True,
     ):
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         dev = parse_device(device)
+        backend = _resolve_backend(backend, dev)
         dt = parse_dtype(dtype, dev)
         self.progress = progress
         model_config, source = self._load_config(model, load_format, revision, download, cache_dir, dt)
@@ -110,7 +111,7 @@ class Engine:
             model=model,
             device=dev,
             dtype=dt,
-            backend="torch",
+            backend=backend,
             load_format=load_format,
             revision=revision,
             download=download,
@@ -356,6 +357,24 @@ class Engine:
     def kv_cache_tokens(self) -> int:
         """How many tokens the KV cache holds."""
         return self._runner.kv_cache.num_tokens
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return backend
+    have_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and have_triton else "torch"
+    if not have_triton:
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' runs on CUDA devices; on the CPU only in Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before starting Python)"
+        )
+    return backend
 
 
 def _token_ids(ids: object, i: int) -> list[int]:

@@ -9,6 +9,7 @@ from .config import EngineConfig, ModelConfig
 from .kv_cache import KVCache, num_kv_blocks
 from .models.codegen import CodeGenModel
 from .models.torch_ops import TorchOps
+from .models.triton_ops import TritonOps
 from .sequence import Sequence
 from .weights import CodeGenWeights
 
@@ -19,7 +20,8 @@ class ModelRunner:
         self.engine_config = engine_config
         self.device = engine_config.device
         self.block_size = engine_config.block_size
-        self.model = CodeGenModel(model_config, weights, TorchOps(model_config, self.device))
+        ops = TritonOps if engine_config.backend == "triton" else TorchOps
+        self.model = CodeGenModel(model_config, weights, ops(model_config, self.device))
         num_blocks = num_kv_blocks(model_config, engine_config)
         self.kv_cache = KVCache(model_config, num_blocks, self.block_size, self.device, engine_config.dtype)
 

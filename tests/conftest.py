@@ -17,8 +17,19 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be
+# chosen before any kernel is defined (imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Where kernel tests put their tensors: the CPU in the interpreter, else the GPU.
+KERNEL_DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+# The interpreter computes bfloat16 wrongly: bfloat16 kernels are tested on a GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+
+import pytest  # noqa: E402
 
 WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 EOS = "<|endoftext|>"
@@ -259,3 +270,28 @@ def fresh_seed() -> int:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"fresh_seed={seed}")
     return seed
+
+
+# Kernel against its PyTorch reference. Both round at the same points; they
+# differ in float32 summation order, which flips the last bit of a rounded
+# result now and then: a few units in the last place of the format.
+# float32: ~1e-6 seen; float16: 2^-10 = 9.8e-4 spacing, 4 ulp allowed;
+# bfloat16: 2^-7 = 7.8e-3 spacing, 4 ulp allowed.
+KERNEL_TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+def random_block_tables(context_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """Block tables [B, max_blocks] int32 of distinct, shuffled (non-contiguous) blocks, padded with 0."""
+    need = [-(-n // block_size) for n in context_lens]
+    assert sum(need) <= num_blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(context_lens), max(max(need), 1), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    return table

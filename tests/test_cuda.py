@@ -19,11 +19,12 @@ pytestmark = [
 LOGIT_RTOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, fresh_seed):
+def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, backend, fresh_seed):
     path, hf = checkpoint(shape)
-    engine = Engine(str(path), device="cuda", dtype=dtype, progress=False)
+    engine = Engine(str(path), device="cuda", dtype=dtype, backend=backend, progress=False)
     model = copy.deepcopy(hf).to("cuda", dtype)
     g = torch.Generator().manual_seed(fresh_seed)
     prompts = [torch.randint(0, TOKENIZER_SIZE, (n,), generator=g).tolist() for n in (5, 17, 40)]
@@ -44,8 +45,9 @@ def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, fresh_se
             assert abs(ours - logp[step, token].item()) <= LOGIT_RTOL[dtype] * logits[step].abs().max().item()
 
 
-def test_cuda_dummy_weights_real_shape():
-    engine = Engine("codegen-350M-mono", device="cuda", load_format="dummy", progress=False)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_dummy_weights_real_shape(backend):
+    engine = Engine("codegen-350M-mono", device="cuda", load_format="dummy", backend=backend, progress=False)
     assert engine.model_config.n_layer == 20
     out = engine.generate(prompt_token_ids=[list(range(1, 129))], sampling_params=SamplingParams(max_tokens=16, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 16

@@ -9,7 +9,7 @@ that is three operations per layer:
     x    = ops.out_proj(a, g, x)    # [a | g] @ [out_proj | fc_out]^T + bias + x
 
 A backend implements them: `TorchOps` in plain PyTorch (the reference, and
-what runs without a GPU); the Triton kernels implement the same signatures.
+what runs without a GPU), `TritonOps` with the Triton kernels.
 """
 
 from __future__ import annotations

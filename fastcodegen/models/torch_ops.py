@@ -1,10 +1,15 @@
 """The CodeGen operations in plain PyTorch: readable, on any device, in any dtype.
 
-Numerics follow transformers' CodeGen: rotary and the q.k scores in float32
-(keys rounded to the cache dtype first, as transformers' cache does), the
-1/sqrt(head_dim) scale applied to the float32 scores, softmax in float32, and
-probabilities cast to the model dtype before P @ V. GEMMs run in the model
-dtype.
+Each function here is also the reference its Triton kernel in
+`fastcodegen.kernels` is tested against; `TorchOps` strings them together as
+the "torch" backend.
+
+Numerics follow transformers' CodeGen: GEMMs in the model dtype, rotary in
+float32 on the dtype-rounded projection, keys stored in the model dtype,
+q.k scores and softmax in float32 with the 1/sqrt(head_dim) scale applied to
+the float32 scores, probabilities cast to the model dtype before P @ V. One
+difference: q is stored in the model dtype after rotary (as a kernel's
+`tl.dot` needs it), where transformers keeps it in float32.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ def rotary_tables(rotary_dim: int, max_positions: int, device: torch.device) -> 
     """cos and sin [max_positions, rotary_dim / 2] float32, computed as transformers does."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
     angles = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq
-    return angles.cos().to(device), angles.sin().to(device)
+    return angles.cos().to(device).contiguous(), angles.sin().to(device).contiguous()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split rotary on the first 2 * cos.shape[-1] dims of each head.
 
     x [T, H, D] float32; cos, sin [T, R/2]. Pairs are (x[i], x[i + R/2]): the
-    layout the converter's row permutation produces.
+    layout the converter's row regrouping produces.
     """
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
@@ -46,63 +51,117 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch, scale: float
-) -> torch.Tensor:
-    """Causal attention of the new tokens over each sequence's cached context.
+def in_proj(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: InProjLayout,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm, the [q|k|v|fc_in] projection, rotary, the K/V store, fc_in's bias and gelu_new.
 
-    q [T, H, D] float32; caches [num_blocks, block_size, H, D]; returns
-    [T, H, D] in the cache dtype. Query i of sequence b sits at position
-    context_lens[b] - query_len[b] + i and sees keys at positions up to its own.
+    x [T, d]; w_in [3d + f, d] in InProjLayout order; positions, slot_mapping
+    [T]; cos, sin [max_positions, rotary_dim / 2] float32; caches
+    [num_blocks, block_size, H, D]. Returns q [T, d] (rotated, model dtype)
+    and gelu(fc_in(ln(x))) [T, f]; writes k (rotated) and v to the caches.
     """
-    block_size = k_cache.shape[1]
+    t, h, hd = x.shape[0], layout.n_head, layout.head_dim
+    ln = F.layer_norm(x, (x.shape[1],), ln_weight, ln_bias, eps)
+    y = F.linear(ln, w_in, b_in)  # [T, 3d + f]
+    c, s = cos[positions], sin[positions]
+    q = apply_rotary(layout.heads(y, "q").float(), c, s).to(x.dtype)
+    k = apply_rotary(layout.heads(y, "k").float(), c, s).to(x.dtype)
+    store_kv(k, y[:, layout.v].view(t, h, hd), k_cache, v_cache, slot_mapping)
+    return q.reshape(t, h * hd), F.gelu(y[:, layout.m], approximate="tanh")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_context_len: int,
+) -> torch.Tensor:
+    """Causal attention of new tokens over each sequence's cached context.
+
+    q [T, H, D]; caches [num_blocks, block_size, H, D]; block_tables [B, *]
+    int32; context_lens [B] (tokens in the cache, the new ones included);
+    query_start_loc [B + 1]. Query i of sequence b sits at position
+    context_lens[b] - query_len[b] + i and sees keys at positions up to its
+    own. Returns [T, H, D] in the cache dtype.
+    """
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
     device = q.device
-    starts, ctx = batch.query_start_loc.long(), batch.context_lens.long()
+    starts, ctx = query_start_loc.long(), context_lens.long()
     q_lens = starts[1:] - starts[:-1]  # [B]
-    kpos = torch.arange(batch.max_context_len, device=device)  # [K]
-    slots = batch.block_tables[:, kpos // block_size].long() * block_size + kpos % block_size  # [B, K]
+    kpos = torch.arange(max_context_len, device=device)  # [K]
+    slots = block_tables[:, kpos // block_size].long() * block_size + kpos % block_size  # [B, K]
     k = k_cache.reshape(-1, *k_cache.shape[2:])[slots]  # [B, K, H, D]
     v = v_cache.reshape(-1, *v_cache.shape[2:])[slots]
-    qi = torch.arange(batch.max_query_len, device=device)  # [Q]
+    qi = torch.arange(max_query_len, device=device)  # [Q]
     q_valid = qi[None, :] < q_lens[:, None]  # [B, Q]
     q_index = (starts[:-1, None] + qi[None, :]).clamp(max=q.shape[0] - 1)
     qpos = (ctx - q_lens)[:, None] + qi[None, :]  # [B, Q]
     visible = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx[:, None, None])  # [B, Q, K]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q[q_index], k.float()) / scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q[q_index].float(), k.float()) / math.sqrt(head_dim)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Q, H, D]
     return out[q_valid]
 
 
+def out_proj(a: torch.Tensor, g: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The parallel residual: x + out_proj(a) + fc_out(g) as one GEMM over [a | g].
+
+    a [T, d] attention output; g [T, f] gelu(fc_in(ln(x))); w_out [d, d + f];
+    b_out [d]; residual [T, d]. Returns [T, d].
+    """
+    return F.linear(torch.cat([a, g], dim=-1), w_out, b_out) + residual
+
+
+def final_logits(x: torch.Tensor, weights: CodeGenWeights, eps: float) -> torch.Tensor:
+    """ln_f then lm_head: [N, d] -> [N, vocab_size] float32."""
+    ln = F.layer_norm(x, (x.shape[1],), weights.ln_f_weight, weights.ln_f_bias, eps)
+    return F.linear(ln, weights.lm_head_weight, weights.lm_head_bias).float()
+
+
 class TorchOps:
+    """The "torch" backend: the functions above, per layer."""
+
     def __init__(self, config: ModelConfig, device: torch.device):
         self.config = config
         self.layout = InProjLayout.of(config)
         self.cos, self.sin = rotary_tables(config.rotary_dim, config.n_positions, device)
-        self.scale = math.sqrt(config.head_dim)
 
     def in_proj(
         self, x: torch.Tensor, layer: LayerWeights, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns q [T, H, D] float32 (rotated) and gelu(fc_in(ln(x))) [T, f]; stores K and V."""
-        c, layout = self.config, self.layout
-        ln = F.layer_norm(x, (c.n_embd,), layer.ln_weight, layer.ln_bias, c.layer_norm_epsilon)
-        y = F.linear(ln, layer.w_in, layer.b_in)  # [T, 3d + f]
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        q = apply_rotary(layout.heads(y, "q").float(), cos, sin)
-        k = apply_rotary(layout.heads(y, "k").float(), cos, sin)
-        v = y[:, layout.v].view(-1, c.n_head, c.head_dim)
-        store_kv(k.to(x.dtype), v, k_cache, v_cache, batch.slot_mapping)
-        return q, F.gelu(y[:, layout.m], approximate="tanh")
+        return in_proj(
+            x, layer.ln_weight, layer.ln_bias, layer.w_in, layer.b_in, batch.positions, batch.slot_mapping,
+            self.cos, self.sin, k_cache, v_cache, self.layout, self.config.layer_norm_epsilon,
+        )  # fmt: skip
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, batch, self.scale).reshape(q.shape[0], -1)
+        c = self.config
+        out = paged_attention(
+            q.view(-1, c.n_head, c.head_dim), k_cache, v_cache, batch.block_tables, batch.context_lens,
+            batch.query_start_loc, batch.max_query_len, batch.max_context_len,
+        )  # fmt: skip
+        return out.reshape(q.shape[0], -1)
 
     def out_proj(self, a: torch.Tensor, g: torch.Tensor, layer: LayerWeights, residual: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.cat([a, g], dim=-1), layer.w_out, layer.b_out) + residual
+        return out_proj(a, g, layer.w_out, layer.b_out, residual)
 
     def logits(self, x: torch.Tensor, weights: CodeGenWeights) -> torch.Tensor:
-        c = self.config
-        ln = F.layer_norm(x, (c.n_embd,), weights.ln_f_weight, weights.ln_f_bias, c.layer_norm_epsilon)
-        return F.linear(ln, weights.lm_head_weight, weights.lm_head_bias).float()
+        return final_logits(x, weights, self.config.layer_norm_epsilon)

@@ -1,0 +1,116 @@
+"""The paged attention kernels (prefill and split-K decode) against the PyTorch reference.
+
+Block tables are shuffled (non-contiguous) and padded; sequences cross block
+boundaries, have a cached prefix before their new tokens, or hold a single
+token. Cache slots no sequence owns hold a large finite value: a kernel that
+read one would be far off (NaN would poison the reference's own masked
+product as well). Outputs start as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, random_block_tables
+from fastcodegen.kernels.decode_attention import decode_attention, num_splits
+from fastcodegen.kernels.prefill_attention import paged_attention, paged_attention_reference
+
+HEAD_DIMS = [64, 80, 256]
+N_HEAD = 2
+BLOCK_SIZE = 16
+POISON = 1000.0
+
+
+def _cache(context_lens, head_dim, dtype, gen):
+    """K and V caches with each sequence's tokens random and every other slot POISON."""
+    num_blocks = sum(-(-n // BLOCK_SIZE) for n in context_lens) + 3
+    tables = random_block_tables(context_lens, BLOCK_SIZE, num_blocks, gen)
+    shape = (num_blocks, BLOCK_SIZE, N_HEAD, head_dim)
+    k = torch.full(shape, POISON)
+    v = torch.full(shape, POISON)
+    for b, n in enumerate(context_lens):
+        for p in range(n):
+            blk, off = tables[b, p // BLOCK_SIZE], p % BLOCK_SIZE
+            k[blk, off] = torch.randn(N_HEAD, head_dim, generator=gen)
+            v[blk, off] = torch.randn(N_HEAD, head_dim, generator=gen)
+    dev = KERNEL_DEVICE
+    return k.to(dev, dtype), v.to(dev, dtype), tables.to(dev)
+
+
+# (query_len, context_len) per sequence: a plain prompt, a prompt after a
+# 23-token cached prefix, a one-token prompt, prompts crossing block and
+# query-tile boundaries, a chunk of a prompt in the middle of its context.
+PREFILL_BATCHES = {
+    "mixed": [(5, 5), (17, 40), (1, 1), (33, 33), (16, 16)],
+    "long-prefix": [(3, 70), (64, 64)],
+    "single": [(1, 1)],
+}
+
+
+@pytest.mark.parametrize("batch", list(PREFILL_BATCHES))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_prefill_attention_matches_reference(batch, head_dim, dtype, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    seqs = PREFILL_BATCHES[batch]
+    q_lens = [q for q, _ in seqs]
+    ctx = [c for _, c in seqs]
+    k_cache, v_cache, tables = _cache(ctx, head_dim, dtype, g)
+    dev = KERNEL_DEVICE
+    t = sum(q_lens)
+    q = torch.randn(t, N_HEAD, head_dim, generator=g).to(dev, dtype)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+    out = torch.full_like(q, float("nan"))
+    got = paged_attention(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx), out=out)
+    expect = paged_attention_reference(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx))
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, expect, **KERNEL_TOL[dtype])
+
+
+@pytest.mark.parametrize("splits", [1, 3, "planned"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    # Contexts of 1 token, exactly one block, one past it, several blocks; the
+    # last row is a padding row (context 0), as in a CUDA graph's batch.
+    ctx = [1, 16, 17, 50, 0]
+    k_cache, v_cache, tables = _cache(ctx, head_dim, dtype, g)
+    dev = KERNEL_DEVICE
+    b = len(ctx)
+    if splits == "planned":
+        splits = num_splits(b, N_HEAD, 2048)
+    q = torch.randn(b, N_HEAD, head_dim, generator=g).to(dev, dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+    out = torch.full_like(q, float("nan"))
+    got = decode_attention(q, k_cache, v_cache, tables, lens, splits, out=out)
+    real = b - 1
+    expect = paged_attention_reference(
+        q[:real], k_cache, v_cache, tables[:real], lens[:real],
+        torch.arange(real + 1, dtype=torch.int32, device=dev), 1, max(ctx),
+    )  # fmt: skip
+    torch.testing.assert_close(got[:real], expect, **KERNEL_TOL[dtype])
+    assert torch.equal(got[real], torch.zeros_like(got[real]))
+
+
+def test_decode_equals_prefill_of_one_token(fresh_seed):
+    """The two kernels agree where both apply: one new token per sequence."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    ctx = [7, 33, 2]
+    k_cache, v_cache, tables = _cache(ctx, 80, torch.float32, g)
+    dev = KERNEL_DEVICE
+    q = torch.randn(3, N_HEAD, 80, generator=g).to(dev)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+    a = decode_attention(q, k_cache, v_cache, tables, lens, 4)
+    b = paged_attention(q, k_cache, v_cache, tables, lens, torch.arange(4, dtype=torch.int32, device=dev), 1, max(ctx))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_num_splits_ignores_lengths():
+    # A graph captured for a batch size keeps its grid: only batch, heads and the limit matter.
+    assert num_splits(1, 16, 2048) == num_splits(1, 16, 2048, block_n=32)
+    assert num_splits(1, 16, 2048) > 1  # a single sequence is spread over the SMs
+    assert num_splits(256, 24, 2048) == 1  # a large batch fills them already
+    assert num_splits(1, 16, 20) == 1  # never more splits than tiles of context

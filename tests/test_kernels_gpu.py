@@ -1,0 +1,113 @@
+"""Each kernel compiled on a GPU, in float16 and bfloat16, at the real shapes of 350M, 2B, 6B and 16B.
+
+Run with `pytest -m gpu` on a CUDA machine. Same references and tolerances
+as the interpreter tests, at the sizes the engine runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import KERNEL_TOL, random_block_tables
+from fastcodegen.registry import MODELS
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SIZES = {name.split("-")[1]: MODELS[name] for name in ("codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono")}
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _rand(gen, *shape, dtype, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=gen, device="cuda") * scale + shift).to(dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
+    from fastcodegen.kernels.in_proj import in_proj, in_proj_reference
+    from fastcodegen.models.torch_ops import rotary_tables
+    from fastcodegen.weights import InProjLayout
+
+    c = SIZES[size]
+    layout = InProjLayout.of(c)
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    d = c.n_embd
+    x = _rand(g, tokens, d, dtype=dtype)
+    ln_w, ln_b = _rand(g, d, dtype=dtype, scale=0.1, shift=1.0), _rand(g, d, dtype=dtype, scale=0.1)
+    w_in, b_in = _rand(g, layout.width, d, dtype=dtype, scale=d**-0.5), _rand(g, layout.width, dtype=dtype, scale=0.1)
+    positions = torch.randint(0, c.n_positions, (tokens,), device="cuda")
+    blocks = -(-tokens // 16) + 2
+    slots = torch.randperm(blocks * 16, device="cuda")[:tokens]
+    slots[::5] = -1
+    cos, sin = rotary_tables(c.rotary_dim, c.n_positions, torch.device("cuda"))
+    caches = [torch.full((blocks, 16, c.n_head, c.head_dim), float("nan"), device="cuda", dtype=dtype) for _ in range(4)]
+    args = (x, ln_w, ln_b, w_in, b_in, positions, slots, cos, sin)
+    q, h = in_proj(*args, caches[0], caches[1], layout, 1e-5)
+    q_ref, h_ref = in_proj_reference(*args, caches[2], caches[3], layout, 1e-5)
+    torch.testing.assert_close(q, q_ref, **KERNEL_TOL[dtype])
+    torch.testing.assert_close(h, h_ref, **KERNEL_TOL[dtype])
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.isnan(), ref.isnan())
+        torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num(), **KERNEL_TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
+    from fastcodegen.kernels.out_proj import out_proj, out_proj_reference
+
+    c = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    d, f = c.n_embd, c.n_inner
+    a, h, r = _rand(g, tokens, d, dtype=dtype), _rand(g, tokens, f, dtype=dtype), _rand(g, tokens, d, dtype=dtype)
+    w, b = _rand(g, d, d + f, dtype=dtype, scale=(d + f) ** -0.5), _rand(g, d, dtype=dtype, scale=0.1)
+    torch.testing.assert_close(out_proj(a, h, w, b, r), out_proj_reference(a, h, w, b, r), **KERNEL_TOL[dtype])
+
+
+def _paged(ctx, c, dtype, g):
+    blocks = sum(-(-n // 16) for n in ctx) + 2
+    tables = random_block_tables(ctx, 16, blocks, torch.Generator().manual_seed(0)).cuda()
+    k = _rand(g, blocks, 16, c.n_head, c.head_dim, dtype=dtype)
+    v = _rand(g, blocks, 16, c.n_head, c.head_dim, dtype=dtype)
+    return k, v, tables
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_attention_real_shapes(size, dtype, fresh_seed):
+    from fastcodegen.kernels.prefill_attention import paged_attention, paged_attention_reference
+
+    c = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    seqs = [(512, 512), (200, 700), (1, 1)]  # a prompt, one after a cached 500-token prefix, a single token
+    q_lens, ctx = [q for q, _ in seqs], [n for _, n in seqs]
+    k, v, tables = _paged(ctx, c, dtype, g)
+    q = _rand(g, sum(q_lens), c.n_head, c.head_dim, dtype=dtype)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    got = paged_attention(q, k, v, tables, lens, starts, max(q_lens), max(ctx))
+    ref = paged_attention_reference(q, k, v, tables, lens, starts, max(q_lens), max(ctx))
+    torch.testing.assert_close(got, ref, **KERNEL_TOL[dtype])
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
+    from fastcodegen.kernels.decode_attention import decode_attention, num_splits
+    from fastcodegen.kernels.prefill_attention import paged_attention_reference
+
+    c = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    ctx = torch.randint(1, c.n_positions + 1, (batch,), generator=torch.Generator().manual_seed(fresh_seed)).tolist()
+    k, v, tables = _paged(ctx, c, dtype, g)
+    q = _rand(g, batch, c.n_head, c.head_dim, dtype=dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    splits = num_splits(batch, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    got = decode_attention(q, k, v, tables, lens, splits)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    ref = paged_attention_reference(q, k, v, tables, lens, starts, 1, max(ctx))
+    torch.testing.assert_close(got, ref, **KERNEL_TOL[dtype])
