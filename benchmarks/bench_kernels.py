@@ -74,7 +74,8 @@ PREFILL_PROMPTS = (512, 2048)
 KERNELS = ("in_proj", "out_proj", "decode_attention", "prefill_attention")
 
 # Output checks: |ours - ref| <= TOL * (rms(ref) + |ref|) everywhere. A correct kernel differs from its
-# reference by an ulp or two (different summation order); a broken one by the size of the values.
+# reference by an ulp or two (different summation order): at most ~0.1 of this bound in float16 (bfloat16's
+# ulp is 8x coarser, hence its larger TOL); a broken one by the size of the values, 10x or more past it.
 TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 COPY_BYTES = 1 << 30  # ceiling: dst.copy_(src) of this many bytes
@@ -334,7 +335,8 @@ def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
     from fastcodegen.kernels.in_proj import in_proj, in_proj_reference
 
     layout = InProjLayout.of(config)
-    d, f, n, h, hd, eps = config.n_embd, config.n_inner, layout.width, config.n_head, config.head_dim, config.layer_norm_epsilon
+    d, f, n, eps = config.n_embd, config.n_inner, layout.width, config.layer_norm_epsilon
+    h, hd = config.n_head, config.head_dim
     ln_w, ln_b = bench.randn(d, mean=1.0, std=0.02), bench.randn(d, std=0.02)
     w_in, b_in = bench.randn(n, d, std=0.02), bench.randn(n, std=0.02)
     cos, sin = rotary_tables(config.rotary_dim, config.n_positions, bench.device)
@@ -355,6 +357,7 @@ def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
             q, g = ours()
             k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
             q_ref, g_ref = in_proj_reference(*args, k_ref, v_ref, layout, eps)
+
             def stored(cache: torch.Tensor) -> torch.Tensor:  # the K or V rows in_proj wrote
                 return cache.view(-1, h, hd)[slots]
 
@@ -381,7 +384,7 @@ def bench_out_proj(bench: Bench, model: str, config: ModelConfig) -> None:
         ag = torch.cat([a, g], dim=-1)  # the PyTorch path's input, made once: the cat is not timed
 
         def ours():
-            return out_proj(a, g, w_out, b_out, residual)
+            return out_proj(a, g, w_out, b_out, residual, num_sms=bench.num_sms)
 
         def pytorch():
             return F.linear(ag, w_out, b_out) + residual
@@ -497,7 +500,7 @@ def measure_ceilings(bench: Bench) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 HEADER = (
-    f"{'kernel':18} {'model':5} {'shape':40} {'ours us':>9} {'torch us':>9} {'ratio':>7} "
+    f"{'kernel':18} {'model':5} {'shape':36} {'fastcodegen µs':>14} {'pytorch µs':>11} {'ratio':>7} "
     f"{'achieved':>15} {'of ceiling':>11}  check"
 )
 
@@ -515,8 +518,8 @@ def format_row(row: dict) -> str:
             achieved, fraction = f"{row['tflops']:.1f} TFLOP/s", f"{row['fraction_of_ceiling']:.0%} mm"
     check = row["check"] + (f" ({row['error']})" if "error" in row else "")
     return (
-        f"{row['kernel']:18} {row['model']:5} {row['shape']:40} {us(row['fastcodegen_us']):>9} "
-        f"{us(row['pytorch_us']):>9} {ratio:>7} {achieved:>15} {fraction:>11}  {check}"
+        f"{row['kernel']:18} {row['model']:5} {row['shape']:36} {us(row['fastcodegen_us']):>14} "
+        f"{us(row['pytorch_us']):>11} {ratio:>7} {achieved:>15} {fraction:>11}  {check}"
     )
 
 
@@ -538,7 +541,8 @@ BASELINES = {
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip() or "unknown"
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -573,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"(CUDA build: {torch.version.cuda or 'no'}); run it on a machine with an NVIDIA GPU."
         )
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench_kernels.py: TRITON_INTERPRET=1 is set; the kernels would run in Triton's interpreter. Unset it.")
+        sys.exit("bench_kernels.py: TRITON_INTERPRET=1 is set, the kernels would run in Triton's interpreter; unset it.")
     import triton
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -587,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     print(f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), {args.dtype}, "
           f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
-    print(f"ceilings: copy {bench.copy_gbps:.0f} GB/s (dst.copy_(src), 1 GiB, read + write), "
+    print(f"ceilings: copy {bench.copy_gbps:.0f} GB/s (dst.copy_(src) of {COPY_BYTES / 2**30:g} GiB, read + write), "
           f"matmul {bench.matmul_tflops:.0f} TFLOP/s ({MATMUL_N}^3 {args.dtype})")
     print(HEADER)
     for size in models:
@@ -596,8 +600,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             try:
                 BENCHES[kernel](bench, size, config)
             except Exception as e:  # e.g. out of memory allocating a model's weights
-                print(f"{kernel:18} {size:5} error: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-                bench.rows.append({"kernel": kernel, "model": size, "check": "error", "error": f"{type(e).__name__}: {e}"})
+                error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"{kernel:18} {size:5} error: {error}", flush=True)
+                bench.rows.append({"kernel": kernel, "model": size, "check": "error", "error": error})
             torch.cuda.empty_cache()
     print(NOTES)
 

@@ -122,10 +122,11 @@ def out_proj(
     residual: torch.Tensor,
     split_k: int | None = None,
     out: torch.Tensor | None = None,
+    num_sms: int = 132,
 ) -> torch.Tensor:
     """The kernel with `out_proj_reference`'s signature: returns [T, d] (into `out` if given).
 
-    `split_k` overrides the planned number of K splits.
+    `split_k` overrides the number of K splits planned for `num_sms` SMs.
     """
     m, k1 = a.shape
     k2 = g.shape[1]
@@ -133,7 +134,7 @@ def out_proj(
     assert w_out.shape[1] == k1 + k2 and a.stride(1) == g.stride(1) == w_out.stride(1) == residual.stride(1) == 1
     out = torch.empty((m, n), device=a.device, dtype=a.dtype) if out is None else out
     assert out.shape == (m, n) and out.stride(1) == 1
-    block_m, block_n, block_k, planned, warps = _plan(m, n, k1 + k2)
+    block_m, block_n, block_k, planned, warps = _plan(m, n, k1 + k2, num_sms)
     split = planned if split_k is None else split_k
     partial = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)

@@ -56,7 +56,7 @@ class TritonOps:
         return out.view(q.shape[0], -1)
 
     def out_proj(self, a: torch.Tensor, g: torch.Tensor, layer: LayerWeights, residual: torch.Tensor) -> torch.Tensor:
-        return self._out_proj(a, g, layer.w_out, layer.b_out, residual)
+        return self._out_proj(a, g, layer.w_out, layer.b_out, residual, num_sms=self.num_sms)
 
     def logits(self, x: torch.Tensor, weights: CodeGenWeights) -> torch.Tensor:
         return final_logits(x, weights, self.config.layer_norm_epsilon)
