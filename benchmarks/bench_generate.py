@@ -34,7 +34,12 @@ def _sync(device: torch.device) -> None:
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -93,7 +98,9 @@ def time_transformers(engine: Engine, prompts: list[list[int]], new_tokens: int,
 
     def run(n: int) -> None:
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
 
     return _time(run, new_tokens, repeats, device)
 
@@ -115,13 +122,17 @@ def main() -> None:
     dtype = parse_dtype(args.dtype, device)
     engine = Engine(args.model, device=device, dtype=dtype, load_format=args.load_format, progress=False)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 50000 if engine.vocab_limit > 50000 else engine.vocab_limit, (args.batch, args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(
+        0, 50000 if engine.vocab_limit > 50000 else engine.vocab_limit, (args.batch, args.prompt_len), generator=g
+    ).tolist()
 
     ours = time_fastcodegen(engine, prompts, args.new_tokens, args.repeats)
     theirs = None if args.no_baseline else time_transformers(engine, prompts, args.new_tokens, args.repeats)
 
-    print(f"{args.model} ({args.load_format}) on {_device_name(device)}, {str(dtype).removeprefix('torch.')}, "
-          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(
+        f"{args.model} ({args.load_format}) on {_device_name(device)}, {str(dtype).removeprefix('torch.')}, "
+        f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"
+    )
     print(f"{'':24}{'fastcodegen':>14}{'transformers':>14}{'ratio':>8}")
     for key, label in (("ttft_ms", "time to first token ms"), ("decode_ms_per_step", "decode ms / step")):
         line = f"{label:24}{ours[key]:14.2f}"

@@ -471,7 +471,6 @@ def bench_prefill_attention(bench: Bench, model: str, config: ModelConfig) -> No
             prefill_attention_bytes(t, h, hd, bench.elem), prefill_attention_flops(t, h, hd),
             ours, pytorch, check,
         )  # fmt: skip
-        del q, k, v, k_cache, v_cache, q4, k4, v4
 
 
 BENCHES = {
@@ -487,11 +486,9 @@ def measure_ceilings(bench: Bench) -> None:
     src = torch.empty(COPY_BYTES, device=bench.device, dtype=torch.uint8).random_(generator=bench.gen)
     dst = torch.empty_like(src)
     bench.copy_gbps = gbps(copy_bytes(COPY_BYTES), bench.timer(lambda: dst.copy_(src)))
-    del src, dst
     a, b = bench.randn(MATMUL_N, MATMUL_N), bench.randn(MATMUL_N, MATMUL_N)
     c = torch.empty_like(a)
     bench.matmul_tflops = tflops(matmul_flops(MATMUL_N), bench.timer(lambda: torch.matmul(a, b, out=c)))
-    del a, b, c
     torch.cuda.empty_cache()
 
 
@@ -558,8 +555,14 @@ def _size(name: str) -> str:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", type=_size, default=list(SIZES), metavar="SIZE",
-                   help=f"CodeGen sizes to run, of {' '.join(SIZES)} (default: all)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        type=_size,
+        default=list(SIZES),
+        metavar="SIZE",
+        help=f"CodeGen sizes to run, of {' '.join(SIZES)} (default: all)",
+    )
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="kernels to run (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--warmup-ms", type=float, default=10.0, help="warm-up time per measurement (default 10)")
@@ -577,7 +580,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"(CUDA build: {torch.version.cuda or 'no'}); run it on a machine with an NVIDIA GPU."
         )
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench_kernels.py: TRITON_INTERPRET=1 is set, the kernels would run in Triton's interpreter; unset it.")
+        sys.exit(
+            "bench_kernels.py: TRITON_INTERPRET=1 is set, the kernels would run in Triton's interpreter; unset it."
+        )
     import triton
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -589,10 +594,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     measure_ceilings(bench)
     models = [m for m in SIZES if m in args.models]
 
-    print(f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), {args.dtype}, "
-          f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
-    print(f"ceilings: copy {bench.copy_gbps:.0f} GB/s (dst.copy_(src) of {COPY_BYTES / 2**30:g} GiB, read + write), "
-          f"matmul {bench.matmul_tflops:.0f} TFLOP/s ({MATMUL_N}^3 {args.dtype})")
+    print(
+        f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), {args.dtype}, "
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+    )
+    print(
+        f"ceilings: copy {bench.copy_gbps:.0f} GB/s (dst.copy_(src) of {COPY_BYTES / 2**30:g} GiB, read + write), "
+        f"matmul {bench.matmul_tflops:.0f} TFLOP/s ({MATMUL_N}^3 {args.dtype})"
+    )
     print(HEADER)
     for size in models:
         config = MODELS[f"codegen-{size}-mono"]

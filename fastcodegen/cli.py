@@ -1,7 +1,7 @@
 """The `fastcodegen` command.
 
-    fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
-    fastcodegen convert SRC DST          convert a transformers checkpoint
+fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
+fastcodegen convert SRC DST          convert a transformers checkpoint
 """
 
 from __future__ import annotations
@@ -95,5 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s"
+    )
     return args.func(args)

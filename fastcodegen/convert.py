@@ -254,7 +254,11 @@ class _StreamingSafetensorsWriter:
         offset = 0
         for name, shape in shapes.items():
             nbytes = element * _numel(shape)
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -327,7 +331,9 @@ def _write(src: SourceCheckpoint, out: Path, dtype: torch.dtype, progress: bool)
     from tqdm.auto import tqdm
 
     shapes = tensor_shapes(src.config)
-    meta = converted_metadata(src.config, dtype, {"path": str(src.path), "format": src.format, "hf_config": src.hf_config})
+    meta = converted_metadata(
+        src.config, dtype, {"path": str(src.path), "format": src.format, "hf_config": src.hf_config}
+    )
     writer = _StreamingSafetensorsWriter(out / WEIGHTS_FILE, shapes, dtype, {"format": "pt", "fastcodegen": "1"})
     total = sum(_numel(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.path.name}", disable=not progress) as bar:

@@ -8,7 +8,8 @@ import logging
 import operator
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence as Seq, Union
+from typing import Iterator, Optional, Union
+from typing import Sequence as Seq
 
 import torch
 
@@ -26,7 +27,6 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import dummy_weights, is_converted, load_weights, read_converted_config
 
 logger = logging.getLogger("fastcodegen")
-
 
 
 class Engine:
@@ -104,7 +104,9 @@ class Engine:
         if max_model_len is None:
             max_model_len = model_config.n_positions
         if not isinstance(max_model_len, int) or not 0 < max_model_len <= model_config.n_positions:
-            raise ValueError(f"max_model_len must be in [1, n_positions={model_config.n_positions}], got {max_model_len!r}")
+            raise ValueError(
+                f"max_model_len must be in [1, n_positions={model_config.n_positions}], got {max_model_len!r}"
+            )
         if seed is None:
             seed = int.from_bytes(os.urandom(7), "little")
         self.config = EngineConfig(

@@ -22,6 +22,7 @@ from typing import Optional
 from . import registry
 from .tokenizer import TOKENIZER_FILES
 
+
 class ModelNotFoundError(FileNotFoundError):
     """The model named could not be found locally nor downloaded."""
 
@@ -44,7 +45,12 @@ def downloads_allowed(download: bool) -> bool:
 def has_weights(path: Path) -> bool:
     return any(
         (path / f).is_file()
-        for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+        for f in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
     )
 
 
@@ -118,5 +124,7 @@ def _download(repo: str, revision: Optional[str], cache: Path) -> Path:
         weights = ["*.safetensors", "model.safetensors.index.json"]
     else:
         weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-    path = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=["config.json", *TOKENIZER_FILES, *weights])
+    path = snapshot_download(
+        repo, revision=revision, cache_dir=cache, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]
+    )
     return Path(path)

@@ -32,7 +32,9 @@ class SampleResult:
     logprobs: list[Optional[dict[int, float]]]
 
 
-def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filtered_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """The distribution rows are sampled from.
 
     logits [B, V] fp32; temperature [B] (> 0); top_k [B] int (0 = off);

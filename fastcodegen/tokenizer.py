@@ -34,7 +34,9 @@ TOKENIZER_FILES = (
 
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE's printable stand-ins for the 256 byte values, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -110,7 +112,9 @@ def _special_contents(path: Path) -> list[str]:
 def _from_vocab_and_merges(path: Path) -> tokenizers.Tokenizer:
     """Builds the tokenizer transformers builds from the legacy GPT-2 file set."""
     vocab, merges = models.BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
-    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    config = (
+        json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    )
     tk = tokenizers.Tokenizer(
         models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )

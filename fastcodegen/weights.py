@@ -118,7 +118,11 @@ class InProjLayout:
         t, h = y.shape[0], self.n_head
         first, second, rest = (self.q1, self.q2, self.qp) if which == "q" else (self.k1, self.k2, self.kp)
         return torch.cat(
-            [y[:, first].view(t, h, self.half), y[:, second].view(t, h, self.half), y[:, rest].view(t, h, self.pass_dim)],
+            [
+                y[:, first].view(t, h, self.half),
+                y[:, second].view(t, h, self.half),
+                y[:, rest].view(t, h, self.pass_dim),
+            ],
             dim=-1,
         )
 
@@ -213,9 +217,12 @@ def load_weights(
     file = path / WEIGHTS_FILE
 
     def named() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(file), framework="pt", device="cpu") as f, tqdm(
-            total=file.stat().st_size, unit="B", unit_scale=True, desc="loading weights", disable=not progress
-        ) as bar:
+        with (
+            safe_open(str(file), framework="pt", device="cpu") as f,
+            tqdm(
+                total=file.stat().st_size, unit="B", unit_scale=True, desc="loading weights", disable=not progress
+            ) as bar,
+        ):
             present = set(f.keys())
             for name, shape in expected.items():
                 if name not in present:

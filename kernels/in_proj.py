@@ -113,7 +113,9 @@ def _in_proj_kernel(
         for k0 in range(0, K, BLOCK_K):
             a = _ln_tile(X, LN_W, LN_B, rows, row_ok, mean, rstd, k0, K, stride_xm, BLOCK_K, dtype)
             acc1 = tl.dot(a, _w_tile(W, cols, col_ok, k0, K, stride_wn, BLOCK_K), acc1, input_precision=DOT_PRECISION)
-            acc2 = tl.dot(a, _w_tile(W, cols + PARTNER, col_ok, k0, K, stride_wn, BLOCK_K), acc2, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(
+                a, _w_tile(W, cols + PARTNER, col_ok, k0, K, stride_wn, BLOCK_K), acc2, input_precision=DOT_PRECISION
+            )
         acc1 += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc2 += tl.load(BIAS + cols + PARTNER, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x1 = acc1.to(dtype).to(tl.float32)

@@ -284,7 +284,9 @@ KERNEL_TOL = {
 }
 
 
-def random_block_tables(context_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+def random_block_tables(
+    context_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
+) -> torch.Tensor:
     """Block tables [B, max_blocks] int32 of distinct, shuffled (non-contiguous) blocks, padded with 0."""
     need = [-(-n // block_size) for n in context_lens]
     assert sum(need) <= num_blocks

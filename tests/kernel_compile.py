@@ -150,7 +150,9 @@ def _call_wrappers(dtype: torch.dtype, tag: list[str]) -> None:
         prefill_attention.paged_attention(empty(512, h, hd), cache, cache, tables, lens, starts, 128, 2048)
         for batch in (1, 64):
             splits = decode_attention.num_splits(batch, h, c.n_positions)
-            decode_attention.decode_attention(empty(batch, h, hd), cache, cache, tables[:1].expand(batch, -1), lens[:1].expand(batch), splits)
+            decode_attention.decode_attention(
+                empty(batch, h, hd), cache, cache, tables[:1].expand(batch, -1), lens[:1].expand(batch), splits
+            )
 
 
 def compile_all(arch: int, dtypes: list[torch.dtype]) -> list[dict]:

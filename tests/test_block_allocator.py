@@ -225,7 +225,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         held = [b for b in range(self.n) if self.refs[b] > 0]
         table = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
         if data.draw(st.integers(0, 3)) == 0:  # slip in one bad block
-            bad = data.draw(st.sampled_from([b for b in range(-2, self.n + 2) if not 0 <= b < self.n or not self.refs[b]]))
+            bad = data.draw(
+                st.sampled_from([b for b in range(-2, self.n + 2) if not 0 <= b < self.n or not self.refs[b]])
+            )
             table.insert(data.draw(st.integers(0, len(table))), bad)
             before = _state(self.alloc)
             with pytest.raises(ValueError):

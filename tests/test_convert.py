@@ -25,11 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fastcodegen.convert as convert_mod
+from conftest import TOKENIZER_SIZE, hf_greedy
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.convert import _StreamingSafetensorsWriter, convert
 from fastcodegen.weights import FORMAT_VERSION
-
-from conftest import TOKENIZER_SIZE, hf_greedy
 
 NEW_TOKENS = 10
 FORMATS = ["safetensors", "sharded-safetensors", "bin", "sharded-bin"]
@@ -224,7 +223,9 @@ def test_converted_directory_loads_without_reconverting(checkpoint, tmp_path, mo
     src, hf = checkpoint("hd80")
     dst = convert(src, tmp_path / "c", progress=False)
     cache = tmp_path / "cache"
-    monkeypatch.setattr(convert_mod, "convert", lambda *a, **k: pytest.fail("a converted directory was converted again"))
+    monkeypatch.setattr(
+        convert_mod, "convert", lambda *a, **k: pytest.fail("a converted directory was converted again")
+    )
     engine = Engine(str(dst), device="cpu", progress=False, cache_dir=str(cache))
     assert not cache.exists()
     _assert_matches_transformers(engine, hf)

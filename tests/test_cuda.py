@@ -49,5 +49,7 @@ def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, backend,
 def test_cuda_dummy_weights_real_shape(backend):
     engine = Engine("codegen-350M-mono", device="cuda", load_format="dummy", backend=backend, progress=False)
     assert engine.model_config.n_layer == 20
-    out = engine.generate(prompt_token_ids=[list(range(1, 129))], sampling_params=SamplingParams(max_tokens=16, ignore_eos=True))
+    out = engine.generate(
+        prompt_token_ids=[list(range(1, 129))], sampling_params=SamplingParams(max_tokens=16, ignore_eos=True)
+    )
     assert len(out[0].outputs[0].token_ids) == 16

@@ -57,7 +57,9 @@ def _assert_usable(engine, hf):
     blocks = engine._block_manager
     assert blocks.num_free_blocks == blocks.num_blocks
     assert not engine._scheduler.has_unfinished()
-    out = engine.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    out = engine.generate(
+        prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    )
     assert out[0].outputs[0].token_ids == hf_greedy(hf, [5, 6, 7], 4)
 
 
@@ -117,7 +119,9 @@ def test_prompt_at_the_longest_allowed_length(engine):
     eng, hf = engine
     n = SHAPES["hd64"].n_positions
     prompt = [3] * (n - 1)
-    out = eng.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    out = eng.generate(
+        prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    )
     assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 1)
     assert out[0].outputs[0].finish_reason == "length"
 

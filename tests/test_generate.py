@@ -134,7 +134,9 @@ def test_stream_yields_growing_text_and_ends_finished(engine_factory, tokenizer_
 def test_abandoned_stream_frees_its_blocks(engine_factory):
     engine, _ = engine_factory("hd64")
     total = engine.num_free_kv_blocks
-    stream = engine.generate(prompt_token_ids=[[1, 2, 3], [4, 5]], sampling_params=SamplingParams(max_tokens=50), stream=True)
+    stream = engine.generate(
+        prompt_token_ids=[[1, 2, 3], [4, 5]], sampling_params=SamplingParams(max_tokens=50), stream=True
+    )
     next(stream)
     assert engine.num_free_kv_blocks < total
     stream.close()

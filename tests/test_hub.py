@@ -18,10 +18,8 @@ import torch
 
 import fastcodegen
 import fastcodegen.hub as hub
-from fastcodegen import Engine, ModelNotFoundError, SamplingParams
-from fastcodegen import registry
-
 from conftest import SHAPES, TOKENIZER_SIZE, hf_greedy
+from fastcodegen import Engine, ModelNotFoundError, SamplingParams, registry
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NEW_TOKENS = 8
@@ -138,7 +136,10 @@ def _fake_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT) -> P
 
 def _greedy(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+    return [
+        o.outputs[0].token_ids
+        for o in engine.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    ]
 
 
 def _assert_matches_transformers(engine: Engine, hf) -> None:

@@ -14,14 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS = {"_in_proj_kernel", "_out_proj_kernel", "_split_k_reduce_kernel", "_prefill_kernel", "_split_kernel", "_combine_kernel"}
+KERNELS = {
+    "_in_proj_kernel",
+    "_out_proj_kernel",
+    "_split_k_reduce_kernel",
+    "_prefill_kernel",
+    "_split_kernel",
+    "_combine_kernel",
+}
 
 
 def test_every_launch_compiles_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = Path(__file__).with_name("kernel_compile.py")
-    p = subprocess.run([sys.executable, str(script), "--arch", "90", "--json"], env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, str(script), "--arch", "90", "--json"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert p.stdout.strip(), p.stderr[-3000:]
     results = json.loads(p.stdout.strip().splitlines()[-1])
     failed = [r for r in results if not r["ok"]]

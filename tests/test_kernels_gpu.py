@@ -14,7 +14,10 @@ from fastcodegen.registry import MODELS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-SIZES = {name.split("-")[1]: MODELS[name] for name in ("codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono")}
+SIZES = {
+    name.split("-")[1]: MODELS[name]
+    for name in ("codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono")
+}
 DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -42,7 +45,9 @@ def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
     slots = torch.randperm(blocks * 16, device="cuda")[:tokens]
     slots[::5] = -1
     cos, sin = rotary_tables(c.rotary_dim, c.n_positions, torch.device("cuda"))
-    caches = [torch.full((blocks, 16, c.n_head, c.head_dim), float("nan"), device="cuda", dtype=dtype) for _ in range(4)]
+    caches = [
+        torch.full((blocks, 16, c.n_head, c.head_dim), float("nan"), device="cuda", dtype=dtype) for _ in range(4)
+    ]
     args = (x, ln_w, ln_b, w_in, b_in, positions, slots, cos, sin)
     q, h = in_proj(*args, caches[0], caches[1], layout, 1e-5)
     q_ref, h_ref = in_proj_reference(*args, caches[2], caches[3], layout, 1e-5)
@@ -106,7 +111,9 @@ def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
     k, v, tables = _paged(ctx, c, dtype, g)
     q = _rand(g, batch, c.n_head, c.head_dim, dtype=dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
-    splits = num_splits(batch, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    splits = num_splits(
+        batch, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count
+    )
     got = decode_attention(q, k, v, tables, lens, splits)
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     ref = paged_attention_reference(q, k, v, tables, lens, starts, 1, max(ctx))

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import SHAPES, hf_greedy
+from conftest import SHAPES
 
 # Worst |ours - transformers| over the logits, relative to the largest |logit|.
 # float32: both sides compute the same operations and differ only in

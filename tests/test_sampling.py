@@ -92,7 +92,10 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine_factory, f
     batched = engine.generate(prompt_token_ids=other + prompt, sampling_params=[unseeded, params])[1]
     assert alone == again == batched.outputs[0].token_ids
     # Completions of one request differ from each other (each draws from its own stream).
-    outs = engine.generate(prompt_token_ids=prompt, sampling_params=SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1, ignore_eos=True))
+    outs = engine.generate(
+        prompt_token_ids=prompt,
+        sampling_params=SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1, ignore_eos=True),
+    )
     assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
 
 
@@ -102,7 +105,8 @@ def test_engine_seed_makes_unseeded_requests_reproducible(checkpoint):
     path, _ = checkpoint("hd64")
     params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
     runs = [
-        Engine(str(path), device="cpu", seed=s, progress=False).generate(prompt_token_ids=[[1, 2, 3]], sampling_params=params)[0]
+        Engine(str(path), device="cpu", seed=s, progress=False)
+        .generate(prompt_token_ids=[[1, 2, 3]], sampling_params=params)[0]
         .outputs[0]
         .token_ids
         for s in (5, 5, 6)
@@ -116,7 +120,8 @@ def test_logprobs_match_transformers(engine_factory, fresh_seed):
     g = torch.Generator().manual_seed(fresh_seed)
     prompt = torch.randint(0, TOKENIZER_SIZE, (9,), generator=g).tolist()
     out = engine.generate(
-        prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0.7, max_tokens=6, logprobs=3, seed=3, ignore_eos=True)
+        prompt_token_ids=[prompt],
+        sampling_params=SamplingParams(temperature=0.7, max_tokens=6, logprobs=3, seed=3, ignore_eos=True),
     )[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids) == 6
     with torch.no_grad():

@@ -58,7 +58,9 @@ def test_stop_string_spanning_tokens(setup, fresh_seed):
     # engine waits for the next token to tell whether the character completes.
     b = rng.choice([b for b in bounds if 2 <= b <= len(text) - 2 and "\ufffd" not in text[b - 2 : b + 2]])
     stop = text[b - 2 : b + 2]  # two characters of each token
-    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[stop], ignore_eos=True))[0].outputs[0]
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[stop], ignore_eos=True))[
+        0
+    ].outputs[0]
     assert out.finish_reason == "stop"
     assert out.stop_reason == stop
     assert out.text == text[: text.find(stop)]
@@ -71,7 +73,9 @@ def test_earliest_of_several_stop_strings_wins(setup):
     clean = [b for b in bounds if 1 <= b <= len(text) - 3 and "\ufffd" not in text[b - 1 : b + 2]]
     late, early = text[clean[-1] : clean[-1] + 3], text[clean[0] - 1 : clean[0] + 1]
     first = min((text.find(s), s) for s in (late, early))
-    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[late, early], ignore_eos=True))[0].outputs[0]
+    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=[late, early], ignore_eos=True))[
+        0
+    ].outputs[0]
     assert out.text == text[: first[0]]
     assert out.stop_reason == first[1]
 
@@ -80,7 +84,9 @@ def test_stop_token_id(setup):
     engine, tok, ref = setup
     stop_id = ref[len(ref) // 2]
     k = ref.index(stop_id)
-    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_token_ids=[stop_id], ignore_eos=True))[0].outputs[0]
+    out = engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_token_ids=[stop_id], ignore_eos=True)
+    )[0].outputs[0]
     assert out.finish_reason == "stop"
     assert out.stop_reason == stop_id
     assert out.token_ids == ref[: k + 1]
@@ -93,7 +99,9 @@ def test_stop_pattern_cuts_before_the_first_match(setup, fresh_seed):
     rng = random.Random(fresh_seed)
     m = rng.choice([m for m in range(1, len(text) - 3) if "\ufffd" not in text[m : m + 3]])
     pattern = re.escape(text[m : m + 3])
-    out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_patterns=[pattern], ignore_eos=True))[0].outputs[0]
+    out = engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop_patterns=[pattern], ignore_eos=True)
+    )[0].outputs[0]
     assert out.finish_reason == "stop"
     assert out.stop_reason == pattern
     assert out.text == text[: re.search(pattern, text, re.MULTILINE).start()]
@@ -105,7 +113,9 @@ def test_streamed_text_is_never_taken_back(setup):
     stop = text[len(text) // 2 : len(text) // 2 + 4]
     final = None
     seen = []
-    for snap in engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=stop, ignore_eos=True), stream=True):
+    for snap in engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=MAX, stop=stop, ignore_eos=True), stream=True
+    ):
         seen.append(snap.outputs[0].text)
         final = snap.outputs[0].text
     assert final == text[: text.find(stop)]
@@ -165,7 +175,8 @@ def test_empty_matching_pattern_rejected():
 def test_stops_with_sampling_still_respect_max_tokens(setup, fresh_seed):
     engine, _, _ = setup
     out = engine.generate(
-        PROMPT, SamplingParams(temperature=1.0, seed=fresh_seed % 10000, max_tokens=5, stop=["\x00\x01"], ignore_eos=True)
+        PROMPT,
+        SamplingParams(temperature=1.0, seed=fresh_seed % 10000, max_tokens=5, stop=["\x00\x01"], ignore_eos=True),
     )[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5
 

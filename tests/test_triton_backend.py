@@ -26,7 +26,9 @@ def test_triton_greedy_float32_matches_transformers(checkpoint, shape):
     path, hf = checkpoint(shape)
     engine = Engine(str(path), device=KERNEL_DEVICE, dtype="float32", backend="triton", progress=False)
     assert engine.config.backend == "triton"
-    outs = engine.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    outs = engine.generate(
+        prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    )
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, NEW)
 
@@ -35,7 +37,8 @@ def test_triton_float16_tokens_within_rounding_of_transformers(checkpoint):
     path, hf = checkpoint("hd64")
     engine = Engine(str(path), device=KERNEL_DEVICE, dtype="float16", backend="triton", progress=False)
     outs = engine.generate(
-        prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=NEW, logprobs=0, ignore_eos=True)
+        prompt_token_ids=PROMPTS,
+        sampling_params=SamplingParams(temperature=0, max_tokens=NEW, logprobs=0, ignore_eos=True),
     )
     model = copy.deepcopy(hf).half()
     for prompt, out in zip(PROMPTS, outs):
@@ -54,8 +57,9 @@ def test_triton_and_torch_backends_agree_when_sampling(checkpoint, fresh_seed):
     path, _ = checkpoint("full-rotary")
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=NEW, seed=fresh_seed % 10000, ignore_eos=True)
     runs = [
-        Engine(str(path), device=KERNEL_DEVICE, dtype="float32", backend=b, progress=False)
-        .generate(prompt_token_ids=PROMPTS, sampling_params=params)
+        Engine(str(path), device=KERNEL_DEVICE, dtype="float32", backend=b, progress=False).generate(
+            prompt_token_ids=PROMPTS, sampling_params=params
+        )
         for b in ("torch", "triton")
     ]
     assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]

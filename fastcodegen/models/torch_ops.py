@@ -43,7 +43,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v [T, H, D] into the caches [num_blocks, block_size, H, D] at slot_mapping [T]; -1 skips a token."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -121,7 +123,9 @@ def paged_attention(
     return out[q_valid]
 
 
-def out_proj(a: torch.Tensor, g: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def out_proj(
+    a: torch.Tensor, g: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
     """The parallel residual: x + out_proj(a) + fc_out(g) as one GEMM over [a | g].
 
     a [T, d] attention output; g [T, f] gelu(fc_in(ln(x))); w_out [d, d + f];
