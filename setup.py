@@ -11,7 +11,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "fastcodegen._C",
-        sources=["csrc/bindings.cpp", "csrc/block_allocator.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/block_pool.cpp", "csrc/scheduler.cpp", "csrc/utf8.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

@@ -186,6 +186,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "triton"):
@@ -207,10 +209,10 @@ class EngineConfig:
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_batched_tokens < self.max_model_len:
+        if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least "
-                f"max_model_len={self.max_model_len}, so that any prompt can be prefilled"
+                f"max_num_seqs={self.max_num_seqs}: a decode step has a token for every sequence"
             )
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")

@@ -1,4 +1,12 @@
-"""Engine: load a CodeGen model and generate completions."""
+"""Engine: load a CodeGen model and serve completions.
+
+The engine loop: the native scheduler picks a step's tokens (continuous
+batching, chunked prefill, prefix cache, n-sample forks, preemption), the
+model runner computes their logits (a CUDA graph for decode steps on CUDA),
+the sampler draws tokens, and the scheduler appends them, checks stops and
+frees what finished. Python does O(1) work per step plus O(events): a
+sequence that finished, a seeded or logprobs row, a watched request's text.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +22,16 @@ from typing import Sequence as Seq
 import torch
 
 from . import hub, registry
-from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig, parse_device, parse_dtype
+from .cuda_graphs import CudaGraphs, default_buckets
 from .model_runner import ModelRunner
-from .outputs import RequestOutput
-from .sampler import Sampler
+from .outputs import CompletionOutput, RequestOutput
+from .request import RequestState
+from .sampler import Sampler, sampling_inputs
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Request, Sequence
-from .stopping import Stop, StopRules
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .scheduler import FINISH_REASONS, Scheduler
+from .stopping import PatternStops
+from .tokenizer import Tokenizer
 from .weights import dummy_weights, is_converted, load_weights, read_converted_config
 
 logger = logging.getLogger("fastcodegen")
@@ -70,9 +78,14 @@ class Engine:
             GPU memory on CUDA, 4 full-length sequences on the CPU).
         gpu_memory_utilization: fraction of the GPU's memory the engine may
             use in all (weights, KV cache, working memory).
-        max_num_seqs: most sequences in one step.
-        max_num_batched_tokens: most prompt tokens in one prefill step.
-        progress: show progress bars (conversion, generation of many prompts).
+        max_num_seqs: most sequences running at once (rows of a step).
+        max_num_batched_tokens: most tokens in one step; longer prompts are
+            prefilled in chunks while running sequences keep decoding.
+        enable_prefix_caching: reuse the KV cache of prompt prefixes computed
+            before (full blocks).
+        enforce_eager: never use CUDA graphs.
+        progress: show progress bars (conversion, loading, generation of many
+            prompts).
     """
 
     def __init__(
@@ -93,7 +106,9 @@ class Engine:
         kv_cache_tokens: Optional[int] = None,
         gpu_memory_utilization: float = 0.90,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: Optional[int] = None,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
         progress: bool = True,
     ):
         dev = parse_device(device)
@@ -124,7 +139,9 @@ class Engine:
             kv_cache_tokens=kv_cache_tokens,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or max(8192, max_model_len),
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
         )
         self.model_config = model_config
         self.tokenizer = self._load_tokenizer(tokenizer, source, model)
@@ -135,16 +152,20 @@ class Engine:
             weights = load_weights(source, model_config, dev, dt, progress=progress)
         self._runner = ModelRunner(model_config, self.config, weights)
         kv = self._runner.kv_cache
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", kv.num_blocks, kv.block_size, kv.num_tokens)
-        self._block_manager = BlockManager(kv.num_blocks, self.config.block_size)
-        self._scheduler = Scheduler(self._block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        logger.info("KV cache: %d blocks of %d tokens: %d tokens fit", kv.num_blocks, kv.block_size, kv.num_tokens)
+        self._scheduler = Scheduler(self.config, kv.num_blocks, model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            self._scheduler.set_vocabulary(self.tokenizer)
+        if dev.type == "cuda" and backend == "triton" and not enforce_eager:
+            self._runner.graphs = CudaGraphs(self._runner, self._scheduler, default_buckets(max_num_seqs))
+            self._runner.graphs.capture()
         self._generator = torch.Generator(device=dev)
         self._generator.manual_seed(seed)
         self.vocab_limit = self.tokenizer.vocab_limit if self.tokenizer else model_config.vocab_size
         self._sampler = Sampler(min(self.vocab_limit, model_config.vocab_size), self._generator)
-        self._eos = frozenset(model_config.eos_token_ids)
+        self._requests: dict[int, RequestState] = {}  # by the scheduler's id
+        self._by_user_id: dict[str, int] = {}
         self._request_ids = itertools.count()
-        self._seq_ids = itertools.count()
 
     # ------------------------------------------------------------------ loading
 
@@ -196,6 +217,50 @@ class Engine:
         logger.warning("no tokenizer found for %s: prompts must be token ids and outputs have no text", model)
         return None
 
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt: Optional[str] = None,
+        sampling_params: Optional[SamplingParams] = None,
+        *,
+        prompt_token_ids: Optional[Seq[int]] = None,
+        request_id: Optional[str] = None,
+    ) -> str:
+        """Queues a request; `step()` advances it with everything else that runs. Returns its id.
+
+        Raises ValueError on a bad prompt or parameters (see `generate`); the
+        engine is unchanged then.
+        """
+        if request_id is not None and (not isinstance(request_id, str) or request_id in self._by_user_id):
+            raise ValueError(f"request_id must be a new string, got {request_id!r}")
+        [(text, ids, params)] = self._validate(
+            prompt, None if prompt_token_ids is None else [prompt_token_ids], sampling_params
+        )
+        return self._add(text, ids, params, watch=True, request_id=request_id).request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of the requests it advanced (finished ones for the last time)."""
+        if not self._scheduler.core.has_unfinished():
+            return []
+        outs = []
+        for core_id in self._step():
+            req = self._requests[core_id]
+            outs.append(self._output(req, final=req.finished))
+            if req.finished:
+                self._forget(req)
+        return outs
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its KV cache; unknown or finished ids are ignored."""
+        core_id = self._by_user_id.get(request_id)
+        if core_id is not None:
+            self._abort(self._requests[core_id])
+            self._forget(self._requests[core_id])
+
+    def has_unfinished_requests(self) -> bool:
+        return self._scheduler.core.has_unfinished()
+
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -216,34 +281,63 @@ class Engine:
                 ids, or a list of such lists).
             use_tqdm: show a progress bar when there are several prompts.
             stream: instead of a list, return an iterator that yields a
-                request's RequestOutput each time it has new tokens, its text
-                so far (less any characters a stop string may still remove);
-                the last one yielded for a request has `finished=True`.
+                request's RequestOutput each time its text grows, with its
+                text so far (less any characters a stop string or pattern may
+                still remove); the last one yielded for a request has
+                `finished=True`.
 
         Raises:
             ValueError: a prompt is empty, does not fit the context, or holds
                 an id outside the vocabulary; or a parameter is invalid. The
                 engine is unchanged and stays usable.
         """
-        requests = self._make_requests(prompts, prompt_token_ids, sampling_params)
+        validated = self._validate(prompts, prompt_token_ids, sampling_params)
         if stream:
-            return self._stream(requests)
+            return self._stream(validated)
         from tqdm.auto import tqdm
 
+        requests = [self._add(t, ids, p, watch=False) for t, ids, p in validated]
         show = use_tqdm and self.progress and len(requests) > 1
-        with tqdm(total=len(requests), desc="generating", unit="prompt", disable=not show) as bar:
-            for req in self._run(requests):
-                if req.finished:
-                    bar.update(1)
-        return [r.output() for r in requests]
+        try:
+            with tqdm(total=len(requests), desc="generating", unit="prompt", disable=not show) as bar:
+                for req in self._run(requests):
+                    if req.finished:
+                        bar.update(1)
+            return [self._output(r, final=True) for r in requests]
+        finally:
+            self._settle(requests)
 
-    def _make_requests(
-        self,
-        prompts: Union[str, Seq[str], None],
-        prompt_token_ids: Union[Seq[int], Seq[Seq[int]], None],
-        sampling_params: Union[SamplingParams, Seq[SamplingParams], None],
-    ) -> list[Request]:
-        """Validates every input and builds the requests; changes no engine state."""
+    def _stream(self, validated: list) -> Iterator[RequestOutput]:
+        requests = [self._add(t, ids, p, watch=True) for t, ids, p in validated]
+        try:
+            for req in self._run(requests):
+                yield self._output(req, final=req.finished)
+        finally:
+            self._settle(requests)
+
+    def _run(self, requests: list[RequestState]) -> Iterator[RequestState]:
+        """Runs steps until every request of `requests` is finished, yielding each one a step advanced."""
+        ours = {r.core_id for r in requests}
+        pending = set(ours)
+        while pending:
+            for core_id in self._step():
+                if core_id in ours:
+                    req = self._requests[core_id]
+                    if req.finished:
+                        pending.discard(core_id)
+                    yield req
+
+    def _settle(self, requests: list[RequestState]) -> None:
+        """After a generate call, however it ended: abort what is left, forget everything."""
+        for req in requests:
+            if not req.finished:
+                self._abort(req)
+            self._forget(req)
+
+    def _validate(
+        self, prompts, prompt_token_ids, sampling_params
+    ) -> list[tuple[Optional[str], list[int], SamplingParams]]:
+        """Checks every input; (text, token ids, params) per prompt. Changes no engine state."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts and prompt_token_ids")
         if prompts is not None:
@@ -292,73 +386,151 @@ class Engine:
                 raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {self.model_config.vocab_size})")
             if self.tokenizer is None and (p.stop or p.stop_patterns):
                 raise ValueError("stop strings and stop_patterns need a tokenizer, and this engine has none")
+            if p.n > self.config.max_num_seqs:
+                raise ValueError(
+                    f"n={p.n} is more than max_num_seqs={self.config.max_num_seqs} sequences can run at once"
+                )
+        return list(zip(texts, id_lists, params))
 
-        requests = []
-        for text, ids, p in zip(texts, id_lists, params):
-            rules = StopRules(p, self._eos, limit)
-            req = Request(str(next(self._request_ids)), text, ids, p, rules)
-            for j in range(p.n):
-                gen = None
-                if p.seed is not None:
-                    gen = torch.Generator(device=self.config.device)
-                    gen.manual_seed(_sample_seed(p.seed, j))
-                detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens) if self.tokenizer else None
-                req.seqs.append(Sequence(next(self._seq_ids), req, j, gen, detok))
-            requests.append(req)
-        return requests
+    def _add(
+        self, text: Optional[str], ids: list[int], params: SamplingParams, watch: bool, request_id: Optional[str] = None
+    ) -> RequestState:
+        patterns = PatternStops(params.stop_patterns) if params.stop_patterns else None
+        core_id = self._scheduler.add(ids, params, watch=watch or patterns is not None)
+        req = RequestState(
+            request_id=request_id if request_id is not None else str(next(self._request_ids)),
+            core_id=core_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            patterns=patterns,
+            watch=watch or patterns is not None,
+        )
+        self._requests[core_id] = req
+        self._by_user_id[req.request_id] = core_id
+        return req
 
-    def _stream(self, requests: list[Request]) -> Iterator[RequestOutput]:
-        for req in self._run(requests):
-            out = req.output()
-            if not out.finished:
-                for c, s in zip(out.outputs, req.seqs):
-                    c.text = s.stable_text()
-            yield out
+    def _abort(self, req: RequestState) -> None:
+        if not req.finished:
+            self._scheduler.core.abort(req.core_id)
+            req.finished = req.aborted = True
 
-    def _run(self, requests: list[Request]) -> Iterator[Request]:
-        """Runs steps until every request is finished, yielding each request a step advanced."""
-        for req in requests:
-            for seq in req.seqs:
-                self._scheduler.add(seq)
-        ours = {id(r) for r in requests}
-        try:
-            while ours:
-                seqs = self._step()
-                touched = {id(s.request): s.request for s in seqs if id(s.request) in ours}
-                for key, req in touched.items():
-                    if req.finished:
-                        ours.discard(key)
-                    yield req
-        finally:
-            # An error, or a consumer that stopped early: free what is left.
-            left = [s for r in requests for s in r.seqs if not s.finished]
-            if left:
-                self._scheduler.abort(left)
-                for s in left:
-                    s.finish(Stop("abort"))
+    def _forget(self, req: RequestState) -> None:
+        self._scheduler.core.remove_request(req.core_id)
+        self._requests.pop(req.core_id, None)
+        self._by_user_id.pop(req.request_id, None)
 
-    def _step(self) -> list[Sequence]:
-        """Runs one scheduled step and returns the sequences it advanced."""
-        seqs, is_prefill = self._scheduler.schedule()
-        if not seqs:
-            raise RuntimeError("the scheduler found nothing to run")
-        logits = self._runner.execute(seqs, is_prefill)
-        result = self._sampler(logits, [s.sampling_row for s in seqs])
-        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs):
-            seq.append(token, logprobs)
-        self._scheduler.retire(seqs)
-        return seqs
+    # ------------------------------------------------------------------ one step
+
+    def _step(self) -> set[int]:
+        """Runs one step; the scheduler ids of the requests with news (finished, or watched text grew)."""
+        sched = self._scheduler
+        step = sched.schedule()
+        if step.info.num_tokens == 0:
+            raise RuntimeError("the scheduler could not schedule any token")
+        logits = self._runner.execute(step)
+        generators, logprobs = {}, {}
+        for row in step.special_rows.tolist():
+            req = self._requests[int(step.sample_request[row])]
+            if req.params.seed is not None:
+                generators[row] = req.generator(int(step.sample_index[row]), self.config.device)
+            if req.params.logprobs is not None:
+                logprobs[row] = req.params.logprobs
+        inputs = sampling_inputs(step.temperature, step.top_k, step.top_p, self.config.device, generators, logprobs)
+        tokens, token_logprobs = self._sampler(logits, inputs)
+        finished, watched = sched.update(tokens)
+
+        for row, lp in token_logprobs.items():
+            seq = sched.sampled_seq(row)
+            if seq >= 0:
+                self._requests[int(step.sample_request[row])].logprobs.setdefault(seq, []).append(lp)
+        news = set()
+        for seq, core_id in watched:
+            req = self._requests[core_id]
+            seen = req.text_bytes.get(seq, 0)
+            chunk = sched.text(seq, seen)
+            req.text_bytes[seq] = seen + len(chunk)
+            req.texts[seq] = req.texts.get(seq, "") + chunk.decode()
+            news.add(core_id)
+            hit = req.patterns.search(req.texts[seq]) if req.patterns else None
+            if hit is not None:
+                cut, pattern = hit
+                sched.core.stop(seq, len(req.texts[seq][:cut].encode()))
+                req.pattern_stops[seq] = pattern
+                finished.append((seq, core_id))
+        for _, core_id in finished:
+            req = self._requests[core_id]
+            news.add(core_id)
+            if sched.core.request_num_finished(core_id) == req.params.n:
+                req.finished = True
+        return news
+
+    # ------------------------------------------------------------------ outputs
+
+    def _output(self, req: RequestState, final: bool) -> RequestOutput:
+        core = self._scheduler.core
+        completions = []
+        for seq in core.request_seqs(req.core_id):
+            info = core.seq_info(seq)
+            done = info["finish"] != 0
+            text = self._scheduler.text(seq).decode()
+            reason = FINISH_REASONS.get(info["finish"]) if done else None
+            stop_reason = None
+            if info["stop_string"] >= 0:
+                stop_reason = req.params.stop[info["stop_string"]]
+            elif info["stop_token"] >= 0:
+                stop_reason = info["stop_token"]
+            if req.patterns is not None:
+                # A pattern may match text that arrived with the last token, after the sequence finished.
+                hit = req.patterns.search(text)
+                if hit is not None:
+                    text, reason, stop_reason = text[: hit[0]], ("stop" if done else None), hit[1]
+                elif seq in req.pattern_stops:
+                    reason, stop_reason = "stop", req.pattern_stops[seq]
+            if not done:
+                text = text[: len(self._scheduler.text(seq, 0, core.stable_text_len(seq)).decode())]
+                if req.patterns is not None:
+                    text = text[: PatternStops.stable_len(text)]
+            lps = req.logprobs.get(seq) if req.params.logprobs is not None else None
+            completions.append(
+                CompletionOutput(
+                    index=info["index"],
+                    text=text,
+                    token_ids=core.output_tokens(seq),
+                    finish_reason=reason if done else None,
+                    stop_reason=stop_reason if done else None,
+                    logprobs=list(lps or []) if req.params.logprobs is not None else None,
+                    cumulative_logprob=(
+                        sum(d[t] for d, t in zip(lps or [], core.output_tokens(seq)))
+                        if req.params.logprobs is not None
+                        else None
+                    ),
+                )
+            )
+        completions.sort(key=lambda c: c.index)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=list(req.prompt_token_ids),
+            outputs=completions,
+            finished=req.finished,
+        )
 
     # ------------------------------------------------------------------ introspection
 
     @property
     def num_free_kv_blocks(self) -> int:
-        return self._block_manager.num_free_blocks
+        return self._scheduler.core.pool.num_free
 
     @property
     def kv_cache_tokens(self) -> int:
         """How many tokens the KV cache holds."""
         return self._runner.kv_cache.num_tokens
+
+    @property
+    def stats(self):
+        """Scheduler counters: computed_tokens, prefix_hit_tokens, preemptions, block_copies."""
+        return self._scheduler.core.stats
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -391,8 +563,3 @@ def _token_ids(ids: object, i: int) -> list[int]:
     if any(isinstance(t, bool) for t in ids):
         raise ValueError(f"prompt {i}: token ids must be integers, not booleans")
     return out
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    """A generator seed per (request seed, completion index), mixed so neighbours don't collide."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)

@@ -1,6 +1,8 @@
-"""Runs the model on a scheduled step: builds the batch tensors, runs the forward, returns logits."""
+"""Runs the model on a scheduled step: metadata to the device, block copies, forward (eager or a CUDA graph), logits."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -10,7 +12,7 @@ from .kv_cache import KVCache, num_kv_blocks
 from .models.codegen import CodeGenModel
 from .models.torch_ops import TorchOps
 from .models.triton_ops import TritonOps
-from .sequence import Sequence
+from .scheduler import HostStep
 from .weights import CodeGenWeights
 
 
@@ -19,49 +21,62 @@ class ModelRunner:
         self.config = model_config
         self.engine_config = engine_config
         self.device = engine_config.device
-        self.block_size = engine_config.block_size
         ops = TritonOps if engine_config.backend == "triton" else TorchOps
         self.model = CodeGenModel(model_config, weights, ops(model_config, self.device))
         num_blocks = num_kv_blocks(model_config, engine_config)
-        self.kv_cache = KVCache(model_config, num_blocks, self.block_size, self.device, engine_config.dtype)
+        self.kv_cache = KVCache(model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
+        self.graphs = None  # set by enable_cuda_graphs()
+        self._dev: Optional[dict[str, torch.Tensor]] = None
+        if self.device.type == "cuda":
+            # Persistent device copies of the step metadata: steps copy into them
+            # (asynchronously, from pinned memory), CUDA graphs read them.
+            e = engine_config
+            max_blocks = -(-e.max_model_len // e.block_size)
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> Batch:
-        """The batch tensors of a step: all tokens of each sequence (prefill) or its last one (decode)."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        context_lens: list[int] = []
-        for seq in seqs:
-            n = seq.num_tokens
-            start = 0 if is_prefill else n - 1
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, n))
-            query_start.append(query_start[-1] + n - start)
-            context_lens.append(n)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+            def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+                return torch.zeros(shape, device=self.device, dtype=dtype)
 
-        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(data, dtype=dtype, device=self.device)
+            self._dev = {
+                "input_ids": zeros(e.max_num_batched_tokens, dtype=torch.int64),
+                "positions": zeros(e.max_num_batched_tokens, dtype=torch.int64),
+                "slot_mapping": zeros(e.max_num_batched_tokens, dtype=torch.int64),
+                "query_start_loc": zeros(e.max_num_seqs + 1, dtype=torch.int32),
+                "context_lens": zeros(e.max_num_seqs, dtype=torch.int32),
+                "block_tables": zeros(e.max_num_seqs, max_blocks, dtype=torch.int32),
+                "logits_indices": zeros(2 * e.max_num_seqs, dtype=torch.int64),
+            }
 
+    def upload(self, step: HostStep) -> Batch:
+        """The step's Batch on the model's device (on CUDA: copied into the persistent buffers)."""
+        host = {
+            "input_ids": step.input_ids,
+            "positions": step.positions,
+            "slot_mapping": step.slot_mapping,
+            "query_start_loc": step.query_start_loc,
+            "context_lens": step.context_lens,
+            "block_tables": step.block_tables,
+            "logits_indices": step.logits_indices,
+        }
+        if self._dev is not None:
+            host = {name: self._dev[name][: t.shape[0]].copy_(t, non_blocking=True) for name, t in host.items()}
+        info = step.info
         return Batch(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            query_start_loc=tensor(query_start, torch.int32),
-            logits_indices=tensor(query_start[1:], torch.int64) - 1,
-            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])),
-            max_context_len=max(context_lens),
+            **host, max_query_len=info.max_query_len, max_context_len=info.max_context_len, is_decode=info.is_decode
         )
 
-    def execute(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits [len(seqs), vocab_size] float32 for each sequence's next token."""
-        batch = self.prepare(seqs, is_prefill)
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies whole KV blocks (every layer, K and V): a sample's own copy of a block it shared."""
+        src, dst = src.to(self.device), dst.to(self.device)
+        self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
+
+    @torch.inference_mode()
+    def execute(self, step: HostStep) -> torch.Tensor:
+        """Logits [num_samples, vocab_size] float32 of the step's sampled rows."""
+        info = step.info
+        if info.num_copies:
+            self.copy_blocks(step.copy_src, step.copy_dst)
+        if self.graphs is not None and info.is_decode and self.graphs.fits(info.num_rows):
+            return self.graphs.run(step)
+        batch = self.upload(step)
         hidden = self.model.forward(batch, self.kv_cache)
         return self.model.compute_logits(hidden[batch.logits_indices])

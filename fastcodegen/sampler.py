@@ -1,9 +1,10 @@
 """From a batch of logits to the next tokens: greedy, temperature, top-k, top-p.
 
 Sampling uses the exponential race: `argmax(p / q)` with q ~ Exp(1) i.i.d. is
-distributed exactly as Categorical(p), and lets each row draw its noise from
-its own seeded generator, so a seeded request gives the same tokens whatever
-else shares its batch.
+distributed exactly as Categorical(p). All rows are sampled at once with the
+engine's generator; a seeded request's rows then redraw their noise from the
+request's own generator, so a seeded request gives the same tokens whatever
+else shares its batch. Rows with temperature 0 take the argmax.
 """
 
 from __future__ import annotations
@@ -11,25 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
 @dataclass
-class SamplingRow:
-    """What the sampler needs to know about one row of the batch."""
+class SamplingInputs:
+    """Per sampled row: the parameters on the logits' device and on the host."""
 
-    temperature: float
-    top_k: int  # 0 = off
-    top_p: float
-    generator: Optional[torch.Generator]  # None: the engine's shared generator
-    num_logprobs: Optional[int]  # None: no logprobs
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]
-    # Per row: {token id: logprob} for the top-k and the sampled token, or None.
-    logprobs: list[Optional[dict[int, float]]]
+    temperature: torch.Tensor  # [S] float32, on the logits' device
+    top_k: torch.Tensor  # [S] int32
+    top_p: torch.Tensor  # [S] float32
+    host_temperature: np.ndarray  # the same, in host memory: decides which paths run without a device sync
+    host_top_k: np.ndarray
+    host_top_p: np.ndarray
+    generators: dict[int, torch.Generator]  # row -> the row's own generator (seeded requests)
+    logprobs: dict[int, int]  # row -> how many top logprobs it wants
 
 
 def filtered_probs(
@@ -65,43 +63,65 @@ class Sampler:
         self.generator = generator
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-        logits = logits[:, : self.vocab_limit].float()  # [B, vocab_limit]
-        device = logits.device
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> tuple[np.ndarray, dict[int, dict[int, float]]]:
+        """Tokens [S] int32 in host memory, and {row: {token id: logprob}} for rows that asked."""
+        logits = logits[:, : self.vocab_limit].float()  # [S, vocab_limit]
         tokens = logits.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
-        if sampled:
-            idx = torch.tensor(sampled, device=device)
-            probs = filtered_probs(
-                logits[idx],
-                torch.tensor([rows[i].temperature for i in sampled], device=device),
-                torch.tensor([rows[i].top_k for i in sampled], device=device),
-                torch.tensor([rows[i].top_p for i in sampled], device=device),
-            )
-            noise = torch.empty_like(probs)
-            shared = [j for j, i in enumerate(sampled) if rows[i].generator is None]
-            if shared:
-                noise[shared] = torch.empty((len(shared), probs.shape[1]), device=device).exponential_(
-                    generator=self.generator
-                )
-            for j, i in enumerate(sampled):
-                if rows[i].generator is not None:
-                    noise[j].exponential_(generator=rows[i].generator)
+        if (inputs.host_temperature > 0).any():
+            temperature = torch.where(inputs.temperature > 0, inputs.temperature, 1.0)
+            if (inputs.host_top_k > 0).any() or (inputs.host_top_p < 1.0).any():
+                probs = filtered_probs(logits, temperature, inputs.top_k, inputs.top_p)
+            else:
+                probs = (logits / temperature[:, None]).softmax(dim=-1)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for row, generator in inputs.generators.items():
+                noise[row].exponential_(generator=generator)
             noise.clamp_(min=torch.finfo(torch.float32).tiny)
-            tokens[idx] = (probs / noise).argmax(dim=-1)
-        token_list = tokens.tolist()
+            tokens = torch.where(inputs.temperature > 0, (probs / noise).argmax(dim=-1), tokens)
+        host_tokens = tokens.to(torch.int32).cpu().numpy()
+        return host_tokens, self._logprobs(logits, host_tokens, inputs.logprobs)
 
-        logprobs: list[Optional[dict[int, float]]] = [None] * len(rows)
-        wanted = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
-        if wanted:
-            lp = logits[wanted].log_softmax(dim=-1)
-            k = max(rows[i].num_logprobs for i in wanted)
-            top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-            chosen = lp.gather(1, tokens[wanted][:, None])[:, 0].tolist()
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(wanted):
-                n = rows[i].num_logprobs
-                d = dict(zip(top_i[j][:n], top_v[j][:n]))
-                d[token_list[i]] = chosen[j]
-                logprobs[i] = d
-        return SampleResult(token_ids=token_list, logprobs=logprobs)
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: np.ndarray, wanted: dict[int, int]
+    ) -> dict[int, dict[int, float]]:
+        if not wanted:
+            return {}
+        rows = list(wanted)
+        lp = logits[rows].log_softmax(dim=-1)
+        k = max(wanted.values())
+        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        chosen = torch.as_tensor(tokens[rows], device=lp.device, dtype=torch.long)
+        chosen_v = lp.gather(1, chosen[:, None])[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out: dict[int, dict[int, float]] = {}
+        for j, row in enumerate(rows):
+            n = wanted[row]
+            d = dict(zip(top_i[j][:n], top_v[j][:n]))
+            d[int(tokens[row])] = chosen_v[j]
+            out[row] = d
+        return out
+
+
+def sampling_inputs(
+    step_temperature: torch.Tensor,
+    step_top_k: torch.Tensor,
+    step_top_p: torch.Tensor,
+    device: torch.device,
+    generators: Optional[dict[int, torch.Generator]] = None,
+    logprobs: Optional[dict[int, int]] = None,
+) -> SamplingInputs:
+    """SamplingInputs from a step's host tensors, copied to `device`."""
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+    return SamplingInputs(
+        temperature=dev(step_temperature),
+        top_k=dev(step_top_k),
+        top_p=dev(step_top_p),
+        host_temperature=step_temperature.numpy(),
+        host_top_k=step_top_k.numpy(),
+        host_top_p=step_top_p.numpy(),
+        generators=generators or {},
+        logprobs=logprobs or {},
+    )

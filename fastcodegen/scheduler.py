@@ -1,90 +1,181 @@
-"""Which sequences run in the next step, first come first served.
+"""The step scheduler: a thin layer over the native one (`fastcodegen._C.Scheduler`).
 
-A step is either a prefill of waiting sequences (their whole token lists, as
-many as fit the token budget, the sequence limit and the free KV blocks) or a
-decode step of every running sequence. When a running sequence needs a block
-and none is free, the most recently admitted running sequence is preempted:
-its blocks are freed and it goes back to the front of the waiting queue, to be
-recomputed from its tokens later. Any single sequence fits the cache (the
-engine checks it at start), so every sequence finishes.
+The native scheduler owns the sequences (tokens, block tables, decoded text)
+and decides each step (continuous batching, chunked prefill, prefix cache,
+n-sample forks, preemption: csrc/scheduler.h). This module allocates, once,
+the host buffers it writes each step's metadata into (pinned on CUDA, so the
+copies to the device are asynchronous) and hands out views of the part a
+step uses. Nothing here loops over sequences.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import dataclass
+from typing import Optional
 
-from .block_manager import BlockManager
-from .sequence import Sequence, SequenceStatus
+import numpy as np
+import torch
+
+from . import _C
+from .config import EngineConfig
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+FINISH_REASONS = {1: "stop", 2: "length", 3: "abort"}
+
+
+@dataclass
+class HostStep:
+    """One step's metadata in host memory (views of the scheduler's buffers)."""
+
+    info: "_C.StepInfo"
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    context_lens: torch.Tensor  # [R] int32
+    block_tables: torch.Tensor  # [R, max_blocks] int32
+    logits_indices: torch.Tensor  # [S] int64
+    temperature: torch.Tensor  # [S] float32
+    top_k: torch.Tensor  # [S] int32
+    top_p: torch.Tensor  # [S] float32
+    copy_src: torch.Tensor  # [C] int64 blocks to copy before the forward
+    copy_dst: torch.Tensor  # [C] int64
+    sample_index: np.ndarray  # [S] completion index of each sampled row
+    sample_request: np.ndarray  # [S] request of each sampled row
+    special_rows: np.ndarray  # rows the engine samples itself (seeded, logprobs)
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
-        self.num_preemptions = 0
+    def __init__(self, config: EngineConfig, num_blocks: int, eos_token_ids: tuple[int, ...]):
+        c = _C.SchedulerConfig()
+        c.num_blocks = num_blocks
+        c.block_size = config.block_size
+        c.max_num_seqs = config.max_num_seqs
+        c.max_num_batched_tokens = config.max_num_batched_tokens
+        c.max_model_len = config.max_model_len
+        c.max_samples = 2 * config.max_num_seqs
+        c.watermark_blocks = max(1, num_blocks // 100)
+        c.enable_prefix_caching = config.enable_prefix_caching
+        c.eos_token_ids = list(eos_token_ids)
+        self.core = _C.Scheduler(c)
+        self.max_blocks_per_seq = self.core.max_blocks_per_seq
+        pin = config.device.type == "cuda"
+        t, r, s = c.max_num_batched_tokens, c.max_num_seqs, c.max_samples
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        self._b = {
+            "input_ids": buf(t, torch.int64),
+            "positions": buf(t, torch.int64),
+            "slot_mapping": buf(t, torch.int64),
+            "query_start_loc": buf(r + 1, torch.int32),
+            "context_lens": buf(r, torch.int32),
+            "block_tables": buf(r * self.max_blocks_per_seq, torch.int32),
+            "logits_indices": buf(s, torch.int64),
+            "temperature": buf(s, torch.float32),
+            "top_k": buf(s, torch.int32),
+            "top_p": buf(s, torch.float32),
+            "sample_seq": buf(s, torch.int64),
+            "sample_index": buf(s, torch.int32),
+            "sample_request": buf(s, torch.int64),
+            "special_rows": buf(s, torch.int32),
+            "copy_src": buf(r, torch.int64),
+            "copy_dst": buf(r, torch.int64),
+        }
+        self._np = {k: v.numpy() for k, v in self._b.items()}
+        self.core.bind(*self._np.values())
+        self._block_tables = self._b["block_tables"].view(r, self.max_blocks_per_seq)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step and whether it is a prefill."""
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if tokens + seq.num_tokens > self.max_num_batched_tokens:
-                break
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            batch.append(seq)
-            tokens += seq.num_tokens
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+    def set_vocabulary(self, tokenizer: Tokenizer) -> None:
+        self.core.set_vocabulary(
+            [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_limit)], sorted(tokenizer.special_ids)
+        )
 
-        while self.running:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.append(seq)
-                batch.append(seq)
-        self.running.extendleft(reversed(batch))
-        return batch, False
+    def add(self, prompt: list[int], params: SamplingParams, watch: bool) -> int:
+        c = _C.RequestConfig()
+        c.n = params.n
+        c.max_tokens = params.max_tokens
+        c.ignore_eos = params.ignore_eos
+        c.skip_special_tokens = params.skip_special_tokens
+        c.temperature = params.temperature
+        c.top_p = params.top_p
+        c.top_k = params.top_k
+        c.special = params.seed is not None or params.logprobs is not None
+        c.watch = watch
+        c.stop_token_ids = list(params.stop_token_ids)
+        c.stop_strings = list(params.stop)
+        return self.core.add_request(prompt, c)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+    def schedule(self) -> HostStep:
+        """Decides the next step; its metadata, as views of the host buffers."""
+        return self._views(self.core.schedule())
 
-    def retire(self, seqs: list[Sequence]) -> None:
-        """Frees the blocks of the sequences of `seqs` that finished."""
-        done = [s for s in seqs if s.finished]
-        for seq in done:
-            self.block_manager.free(seq)
-        if done:
-            gone = {id(s) for s in done}
-            self.running = deque(s for s in self.running if id(s) not in gone)
+    def _views(self, info: "_C.StepInfo") -> HostStep:
+        b, t, r, s = self._b, info.num_tokens, info.num_rows, info.num_samples
+        return HostStep(
+            info=info,
+            input_ids=b["input_ids"][:t],
+            positions=b["positions"][:t],
+            slot_mapping=b["slot_mapping"][:t],
+            query_start_loc=b["query_start_loc"][: r + 1],
+            context_lens=b["context_lens"][:r],
+            block_tables=self._block_tables[:r],
+            logits_indices=b["logits_indices"][:s],
+            temperature=b["temperature"][:s],
+            top_k=b["top_k"][:s],
+            top_p=b["top_p"][:s],
+            copy_src=b["copy_src"][: info.num_copies],
+            copy_dst=b["copy_dst"][: info.num_copies],
+            sample_index=self._np["sample_index"][:s],
+            sample_request=self._np["sample_request"][:s],
+            special_rows=self._np["special_rows"][: info.num_special],
+        )
 
-    def abort(self, seqs: list[Sequence]) -> None:
-        """Drops sequences wherever they are, freeing their blocks."""
-        gone = {id(s) for s in seqs}
-        for seq in seqs:
-            if seq.block_table:
-                self.block_manager.free(seq)
-        self.waiting = deque(s for s in self.waiting if id(s) not in gone)
-        self.running = deque(s for s in self.running if id(s) not in gone)
+    def pad_decode(self, step: HostStep, rows: int) -> HostStep:
+        """A decode step widened to `rows` rows; the extra rows store nothing and attend to nothing."""
+        r = step.info.num_rows
+        b = self._b
+        b["input_ids"][r:rows] = 0
+        b["positions"][r:rows] = 0
+        b["slot_mapping"][r:rows] = -1
+        b["context_lens"][r:rows] = 0
+        b["query_start_loc"][r + 1 : rows + 1] = torch.arange(r + 1, rows + 1, dtype=torch.int32)
+        return HostStep(
+            info=step.info,
+            input_ids=b["input_ids"][:rows],
+            positions=b["positions"][:rows],
+            slot_mapping=b["slot_mapping"][:rows],
+            query_start_loc=b["query_start_loc"][: rows + 1],
+            context_lens=b["context_lens"][:rows],
+            block_tables=self._block_tables[:rows],
+            logits_indices=step.logits_indices,
+            temperature=step.temperature,
+            top_k=step.top_k,
+            top_p=step.top_p,
+            copy_src=step.copy_src,
+            copy_dst=step.copy_dst,
+            sample_index=step.sample_index,
+            sample_request=step.sample_request,
+            special_rows=step.special_rows,
+        )
+
+    def padding_step(self, rows: int) -> HostStep:
+        """A decode step of `rows` padding rows only (for capturing CUDA graphs)."""
+        info = _C.StepInfo()
+        info.is_decode = True
+        info.max_query_len = 1
+        self._b["query_start_loc"][0] = 0
+        return self.pad_decode(self._views(info), rows)
+
+    def update(self, sampled: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Applies the sampled tokens: ([(seq, request)] finished, [(seq, request)] watched with new text)."""
+        return self.core.update(sampled)
+
+    def sampled_seq(self, row: int) -> int:
+        """After update(): the sequence sampled row `row` went to (a fork's new id included)."""
+        return int(self._np["sample_seq"][row])
+
+    def text(self, seq: int, start: int = 0, end: Optional[int] = None) -> bytes:
+        return self.core.text(seq, start, -1 if end is None else end)

@@ -54,9 +54,9 @@ def engine(checkpoint):
 
 
 def _assert_usable(engine, hf):
-    blocks = engine._block_manager
-    assert blocks.num_free_blocks == blocks.num_blocks
-    assert not engine._scheduler.has_unfinished()
+    assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
+    assert not engine.has_unfinished_requests()
+    engine._scheduler.core.check()
     out = engine.generate(
         prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     )
@@ -102,11 +102,11 @@ def test_error_inside_a_step_frees_everything(engine, monkeypatch):
     calls = {"n": 0}
     real = eng._runner.execute
 
-    def failing(seqs, is_prefill):
+    def failing(step):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated device failure")
-        return real(seqs, is_prefill)
+        return real(step)
 
     monkeypatch.setattr(eng._runner, "execute", failing)
     with pytest.raises(RuntimeError, match="simulated"):

@@ -38,7 +38,7 @@ def test_preemption_gives_the_same_tokens(engine_factory, fresh_seed):
     engine, hf = engine_factory("hd64", kv_cache_tokens=128)
     prompts = _random_prompts(engine, [30, 25, 33, 20, 31, 28], fresh_seed)
     outs = engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=60, **GREEDY))
-    assert engine._scheduler.num_preemptions > 0
+    assert engine.stats.preemptions > 0
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 60)
     assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
@@ -122,10 +122,10 @@ def test_stream_yields_growing_text_and_ends_finished(engine_factory, tokenizer_
     hf_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     prompt = "import os\nclass A:\n    def"
     snapshots = list(engine.generate(prompt, SamplingParams(max_tokens=20, **GREEDY), stream=True))
-    assert len(snapshots) == 20  # one per generated token
+    assert 1 < len(snapshots) <= 20  # one per step that grew the text, and the last
     texts = [s.outputs[0].text for s in snapshots]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
-    assert [s.finished for s in snapshots] == [False] * 19 + [True]
+    assert [s.finished for s in snapshots] == [False] * (len(snapshots) - 1) + [True]
     expected = hf_greedy(hf, hf_tok(prompt)["input_ids"], 20)
     assert snapshots[-1].outputs[0].token_ids == expected
     assert texts[-1] == hf_tok.decode(expected, skip_special_tokens=True)
@@ -141,4 +141,4 @@ def test_abandoned_stream_frees_its_blocks(engine_factory):
     assert engine.num_free_kv_blocks < total
     stream.close()
     assert engine.num_free_kv_blocks == total
-    assert not engine._scheduler.has_unfinished()
+    assert not engine.has_unfinished_requests()

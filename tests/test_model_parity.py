@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import SHAPES
+from fastcodegen.batch import Batch
 
 # Worst |ours - transformers| over the logits, relative to the largest |logit|.
 # float32: both sides compute the same operations and differ only in
@@ -28,25 +29,57 @@ PROMPT_LENS = [5, 17, 33]  # crossing 16-token block boundaries
 DECODE_STEPS = 3
 
 
+def _batch(
+    seqs: list[list[int]], starts: list[int], tables: list[list[int]], block_size: int, is_decode: bool
+) -> Batch:
+    """Row b computes tokens seqs[b][starts[b]:] after the cached ones before; its blocks are tables[b]."""
+    ids, pos, slots, qsl = [], [], [], [0]
+    for toks, start, table in zip(seqs, starts, tables):
+        for p in range(start, len(toks)):
+            ids.append(toks[p])
+            pos.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        qsl.append(len(ids))
+    width = max(len(t) for t in tables)
+    return Batch(
+        input_ids=torch.tensor(ids),
+        positions=torch.tensor(pos),
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        context_lens=torch.tensor([len(t) for t in seqs], dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        logits_indices=torch.arange(len(ids)),
+        max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+        max_context_len=max(len(t) for t in seqs),
+        is_decode=is_decode,
+    )
+
+
 def _prefill_and_decode(engine, prompts: list[list[int]], continuations: list[list[int]]):
-    """Runs the engine's model directly: all-position logits of the prefill, then teacher-forced decode logits."""
-    requests = engine._make_requests(None, prompts, None)
-    seqs = [r.seqs[0] for r in requests]
-    runner, blocks = engine._runner, engine._block_manager
-    for s in seqs:
-        blocks.allocate(s)
-    batch = runner.prepare(seqs, is_prefill=True)
-    prefill = runner.model.compute_logits(runner.model.forward(batch, runner.kv_cache))
+    """Runs the engine's model directly: all-position logits of a ragged prefill, then teacher-forced decodes.
+
+    Each sequence gets its own blocks, in reverse order so that no table is contiguous.
+    """
+    runner = engine._runner
+    bs = runner.kv_cache.block_size
+    total = [len(p) + len(c) for p, c in zip(prompts, continuations)]
+    tables, next_block = [], runner.kv_cache.num_blocks - 1
+    for n in total:
+        need = -(-n // bs)
+        tables.append(list(range(next_block, next_block - need, -1)))
+        next_block -= need
+    model, kv = runner.model, runner.kv_cache
+    batch = _batch(prompts, [0] * len(prompts), tables, bs, is_decode=False)
+    prefill = model.compute_logits(model.forward(batch, kv))
     starts = batch.query_start_loc.tolist()
     prefill_logits = [prefill[a:b] for a, b in zip(starts, starts[1:])]
     decode_logits = []
+    seqs = [list(p) for p in prompts]
     for step in range(len(continuations[0])):
-        for s, cont in zip(seqs, continuations):
-            s.token_ids.append(cont[step])
-            blocks.append(s)
-        decode_logits.append(runner.execute(seqs, is_prefill=False))
-    for s in seqs:
-        blocks.free(s)
+        for s, c in zip(seqs, continuations):
+            s.append(c[step])
+        batch = _batch(seqs, [len(s) - 1 for s in seqs], tables, bs, is_decode=True)
+        decode_logits.append(model.compute_logits(model.forward(batch, kv)))
     return prefill_logits, decode_logits
 
 

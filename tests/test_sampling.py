@@ -10,7 +10,7 @@ import torch
 
 from conftest import TOKENIZER_SIZE
 from fastcodegen import SamplingParams
-from fastcodegen.sampler import Sampler, SamplingRow, filtered_probs
+from fastcodegen.sampler import Sampler, filtered_probs, sampling_inputs
 
 P = [0.5, 0.2, 0.15, 0.1, 0.05]
 
@@ -65,8 +65,8 @@ def test_sampled_frequencies_match_the_distribution(fresh_seed):
         ({"top_p": 0.8}, [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]),
         ({"temperature": 2.0}, [math.sqrt(p) / sum(math.sqrt(q) for q in P) for p in P]),
     ]:
-        row = SamplingRow(kwargs.get("temperature", 1.0), kwargs.get("top_k", 0), kwargs.get("top_p", 1.0), None, None)
-        tokens = torch.tensor(sampler(logits, [row] * draws).token_ids)
+        inputs = _inputs(draws, **kwargs)
+        tokens = torch.from_numpy(sampler(logits, inputs)[0]).long()
         assert tokens.max() < vocab_limit
         freq = torch.bincount(tokens, minlength=vocab_limit).double() / draws
         for f, p in zip(freq.tolist(), expected):
@@ -74,11 +74,42 @@ def test_sampled_frequencies_match_the_distribution(fresh_seed):
             assert abs(f - p) <= 5 * sd + 1e-12, (kwargs, freq.tolist(), expected)
 
 
+def _inputs(rows, temperature=1.0, top_k=0, top_p=1.0, **kwargs):
+    full = lambda v, dt: torch.full((rows,), v, dtype=dt)  # noqa: E731
+    return sampling_inputs(
+        full(temperature, torch.float32),
+        full(top_k, torch.int32),
+        full(top_p, torch.float32),
+        torch.device("cpu"),
+        **kwargs,
+    )
+
+
 def test_greedy_never_picks_past_the_tokenizer():
     sampler = Sampler(3, torch.Generator())
     logits = torch.tensor([[0.0, 1.0, 0.5, 9.0]])
-    rows = [SamplingRow(0.0, 0, 1.0, None, None)]
-    assert sampler(logits, rows).token_ids == [1]
+    assert sampler(logits, _inputs(1, temperature=0.0))[0].tolist() == [1]
+
+
+def test_mixed_batch_greedy_rows_stay_greedy(fresh_seed):
+    """Greedy and sampled rows in one batch: greedy rows take the argmax whatever the noise."""
+    sampler = Sampler(5, torch.Generator().manual_seed(fresh_seed))
+    logits = torch.tensor([[math.log(p) for p in P]]).repeat(64, 1)
+    temperature = torch.tensor([0.0, 1.0] * 32)
+    inputs = sampling_inputs(temperature, torch.zeros(64, dtype=torch.int32), torch.ones(64), torch.device("cpu"))
+    tokens = sampler(logits, inputs)[0]
+    assert (tokens[0::2] == 0).all()
+    assert len(set(tokens[1::2].tolist())) > 1
+
+
+def test_seeded_row_ignores_the_shared_generator(fresh_seed):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(fresh_seed))
+    runs = []
+    for shared_seed in (1, 2):
+        sampler = Sampler(50, torch.Generator().manual_seed(shared_seed))
+        own = torch.Generator().manual_seed(7)
+        runs.append(sampler(logits, _inputs(3, generators={1: own}))[0])
+    assert runs[0][1] == runs[1][1]
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine_factory, fresh_seed):

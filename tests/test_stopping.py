@@ -10,12 +10,13 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from conftest import hf_greedy
 from fastcodegen import CODEGEN_STOP_PATTERNS, SamplingParams
-from fastcodegen.stopping import StopRules
+from fastcodegen.stopping import PatternStops
 
 PROMPT = "import os\n\ndef main(args):\n    for name in args:\n"
 MAX = 40
@@ -140,31 +141,77 @@ def test_patterns_cut_like_codegen_truncate(completion, fresh_seed, tokenizer_di
     from transformers.models.codegen.tokenization_codegen import CodeGenTokenizer
 
     expected = CodeGenTokenizer.truncate(None, completion, list(CODEGEN_STOP_PATTERNS))
-    rules = StopRules(SamplingParams(stop_patterns=list(CODEGEN_STOP_PATTERNS)), frozenset(), 2048)
-    # Feed the text in random chunks, as tokens would arrive.
+    stops = PatternStops(CODEGEN_STOP_PATTERNS)
+    # Feed the text in random chunks, as tokens would arrive; stop at the first match.
     rng = random.Random(fresh_seed)
-    text, stop = "", None
-    i = 0
-    while i < len(completion) and stop is None:
+    text, hit, i = "", None, 0
+    while i < len(completion) and hit is None:
         j = min(len(completion), i + rng.randint(1, 4))
-        old = len(text)
         text += completion[i:j]
-        stop = rules.on_text(text, old)
+        hit = stops.search(text)
         i = j
-    got = text[: stop.cut] if stop is not None else text
+    got = text[: hit[0]] if hit is not None else text
     assert got == expected
 
 
-def test_stop_string_split_across_chunks_is_found_once_complete():
-    rules = StopRules(SamplingParams(stop=["STOP"]), frozenset(), 2048)
-    text = ""
-    results = []
-    for chunk in ["abc S", "T", "O", "P tail"]:
-        old = len(text)
-        text += chunk
-        results.append(rules.on_text(text, old))
-    assert results[:3] == [None, None, None]
-    assert results[3].cut == 4 and results[3].detail == "STOP"
+def _scheduler_with_vocab(pieces: list[bytes], stop: list[str], max_tokens: int = 50):
+    """A native scheduler over a made-up vocabulary, fed tokens by hand: one sequence, one request."""
+    from fastcodegen import _C
+
+    c = _C.SchedulerConfig()
+    c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len, c.max_samples = (
+        8,
+        16,
+        1,
+        64,
+        128,
+        2,
+    )
+    sched = _C.Scheduler(c)
+    bufs = [np.zeros(n, dtype=d) for n, d in [
+        (64, np.int64), (64, np.int64), (64, np.int64), (2, np.int32), (1, np.int32), (8, np.int32), (2, np.int64),
+        (2, np.float32), (2, np.int32), (2, np.float32), (2, np.int64), (2, np.int32), (2, np.int64), (2, np.int32),
+        (1, np.int64), (1, np.int64)]]  # fmt: skip
+    sched.bind(*bufs)
+    sched.set_vocabulary(pieces, [])
+    r = _C.RequestConfig()
+    r.max_tokens, r.stop_strings, r.ignore_eos = max_tokens, stop, True
+    sched.add_request([0], r)
+    return sched, bufs
+
+
+def _feed(sched, tokens: list[int]) -> list[tuple[int, int]]:
+    finished = []
+    for t in tokens:
+        sched.schedule()
+        finished, _ = sched.update(np.array([t], dtype=np.int32))
+        if finished:
+            break
+    return finished
+
+
+def test_native_stop_string_split_across_tokens_is_found_once_complete():
+    pieces = [b"x", b"abc S", b"T", b"O", b"P tail", b"more"]
+    sched, _ = _scheduler_with_vocab(pieces, ["STOP"])
+    finished = _feed(sched, [1, 2, 3, 5])
+    assert finished == []  # "abc STO" + "more": no stop yet
+    sched, _ = _scheduler_with_vocab(pieces, ["STOP"])
+    finished = _feed(sched, [1, 2, 3, 4, 5])
+    assert [s for s, _ in finished] == [0]
+    info = sched.seq_info(0)
+    assert info["finish"] == 1 and info["stop_string"] == 0
+    assert sched.text(0) == b"abc "
+    assert sched.output_tokens(0) == [1, 2, 3, 4]  # the token that completed it stays in the ids
+
+
+def test_native_stop_string_inside_a_split_utf8_character():
+    """A stop string of multi-byte characters, its bytes arriving in separate tokens."""
+    stop = "é中"
+    raw = ("a" + stop + "b").encode()
+    pieces = [b"x"] + [bytes([c]) for c in raw]
+    sched, _ = _scheduler_with_vocab(pieces, [stop])
+    finished = _feed(sched, list(range(1, len(pieces))))
+    assert finished and sched.text(0) == b"a"
 
 
 def test_empty_matching_pattern_rejected():
@@ -192,8 +239,7 @@ def test_stops_with_sampling_still_respect_max_tokens(setup, fresh_seed):
     ],
 )
 def test_streamed_text_holds_back_where_a_pattern_may_still_match(text, stable):
-    rules = StopRules(SamplingParams(stop_patterns=list(CODEGEN_STOP_PATTERNS)), frozenset(), 2048)
-    assert rules.stable_len(text) == stable
+    assert PatternStops.stable_len(text) == stable
     # Whatever follows, CodeGen's truncate never cuts before the stable part.
     from transformers.models.codegen.tokenization_codegen import CodeGenTokenizer
 

@@ -1,24 +1,20 @@
-"""The native KV cache block allocator (`fastcodegen._C.BlockAllocator`) and `BlockManager`.
+"""The native KV cache block pool's reference counting (`fastcodegen._C.BlockPool`) without its prefix cache.
 
 Explicit checks of the documented contract (fresh order 0, 1, 2, ...,
 all-or-nothing allocation, errors that change nothing), a hypothesis state
 machine running random allocate / allocate_many / incref / decref / release
 sequences against a plain Python model of the reference counts and of the
-free stack, and BlockManager's block arithmetic on fake sequences.
+free stack.
 """
 
 from __future__ import annotations
-
-import random
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fastcodegen._C import BlockAllocator
-from fastcodegen.block_manager import BlockManager
+from fastcodegen._C import BlockPool as BlockAllocator
 
 
 def _state(a: BlockAllocator) -> tuple[int, list[int]]:
@@ -268,83 +264,3 @@ AllocatorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_allocator_state_machine = AllocatorMachine.TestCase
-
-
-# ----------------------------------------------------------------------------- BlockManager
-
-
-@dataclass
-class FakeSeq:
-    num_tokens: int
-    block_table: list[int] = field(default_factory=list)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_block_manager_allocate_append_free(block_size, fresh_seed):
-    rng = random.Random(fresh_seed)
-    num_blocks = 64
-    bm = BlockManager(num_blocks, block_size)
-    seqs = [FakeSeq(rng.randrange(1, 3 * block_size + 2)) for _ in range(4)]
-    used = 0
-    for s in seqs:
-        want = _ceil_div(s.num_tokens, block_size)
-        assert bm.can_allocate(s)
-        bm.allocate(s)
-        assert len(s.block_table) == want
-        used += want
-        assert bm.num_free_blocks == num_blocks - used
-        # Allocating again for the same tokens takes nothing.
-        bm.allocate(s)
-        assert len(s.block_table) == want
-    all_blocks = [b for s in seqs for b in s.block_table]
-    assert len(set(all_blocks)) == len(all_blocks), "a block given to two sequences"
-    assert all(bm.refcount(b) == 1 for b in all_blocks)
-
-    # Decode: one token at a time; a block is added exactly when a token starts a new block.
-    for s in seqs:
-        for _ in range(2 * block_size + 1):
-            before = list(s.block_table)
-            s.num_tokens += 1
-            new_block = (s.num_tokens - 1) % block_size == 0
-            assert bm.can_append(s)
-            bm.append(s)
-            assert s.block_table[: len(before)] == before
-            assert len(s.block_table) == len(before) + (1 if new_block else 0), (s.num_tokens, block_size)
-            assert len(s.block_table) == _ceil_div(s.num_tokens, block_size)
-    all_blocks = [b for s in seqs for b in s.block_table]
-    assert len(set(all_blocks)) == len(all_blocks)
-    assert bm.num_free_blocks == num_blocks - len(all_blocks)
-
-    for s in seqs:
-        held = list(s.block_table)
-        free_before = bm.num_free_blocks
-        bm.free(s)
-        assert s.block_table == []
-        assert bm.num_free_blocks == free_before + len(held)
-        assert all(bm.refcount(b) == 0 for b in held)
-    assert bm.num_free_blocks == num_blocks
-
-
-def test_block_manager_when_full():
-    bm = BlockManager(3, 4)
-    a, b = FakeSeq(8), FakeSeq(5)
-    bm.allocate(a)
-    assert bm.num_free_blocks == 1
-    assert not bm.can_allocate(b)  # needs 2
-    with pytest.raises(RuntimeError):
-        bm.allocate(b)
-    assert b.block_table == [] and bm.num_free_blocks == 1
-    a.num_tokens = 9
-    assert bm.can_append(a)
-    bm.append(a)
-    assert len(a.block_table) == 3 and bm.num_free_blocks == 0
-    a.num_tokens = 13
-    assert not bm.can_append(a)
-    bm.free(a)
-    assert bm.num_free_blocks == 3
-    bm.allocate(b)
-    assert len(b.block_table) == 2

@@ -1,0 +1,482 @@
+#include "scheduler.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace fastcodegen {
+
+Scheduler::Scheduler(const SchedulerConfig& cfg)
+    : cfg_(cfg),
+      max_blocks_((cfg.max_model_len + cfg.block_size - 1) / cfg.block_size),
+      pool_(cfg.num_blocks, cfg.block_size),
+      eos_(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end()) {
+  if (cfg.max_num_seqs <= 0 || cfg.max_model_len <= 0) throw std::invalid_argument("max_num_seqs and max_model_len must be positive");
+  if (cfg.max_num_batched_tokens < cfg.max_num_seqs) {
+    throw std::invalid_argument("max_num_batched_tokens must be at least max_num_seqs (a decode token for every row)");
+  }
+  if (cfg.max_samples < cfg.max_num_seqs) throw std::invalid_argument("max_samples must be at least max_num_seqs");
+  if (cfg.num_blocks < max_blocks_) {
+    throw std::invalid_argument("the KV cache must hold one sequence of max_model_len tokens");
+  }
+}
+
+void Scheduler::set_vocabulary(std::vector<std::string> token_bytes, const std::vector<int32_t>& special_ids) {
+  token_bytes_ = std::move(token_bytes);
+  special_.assign(token_bytes_.size(), 0);
+  for (int32_t id : special_ids) {
+    if (id >= 0 && static_cast<size_t>(id) < special_.size()) special_[id] = 1;
+  }
+}
+
+Sequence* Scheduler::new_sequence(Request* req, int32_t index) {
+  auto s = std::make_unique<Sequence>();
+  s->id = next_seq_++;
+  s->req = req;
+  s->index = index;
+  Sequence* raw = s.get();
+  seqs_.emplace(raw->id, std::move(s));
+  req->seqs.push_back(raw);
+  return raw;
+}
+
+int64_t Scheduler::add_request(const std::vector<int32_t>& prompt, const RequestConfig& cfg) {
+  if (prompt.empty()) throw std::invalid_argument("empty prompt");
+  if (static_cast<int32_t>(prompt.size()) >= cfg_.max_model_len) throw std::invalid_argument("prompt fills the context");
+  if (cfg.n < 1 || cfg.n > cfg_.max_num_seqs) throw std::invalid_argument("n must be in [1, max_num_seqs]");
+  auto req = std::make_unique<Request>();
+  req->id = next_request_++;
+  req->cfg = cfg;
+  for (const auto& s : cfg.stop_strings) req->max_stop_len = std::max(req->max_stop_len, s.size());
+  Sequence* s = new_sequence(req.get(), 0);
+  s->tokens = prompt;
+  s->num_prompt = static_cast<int32_t>(prompt.size());
+  s->forked = cfg.n == 1;
+  s->waiting = true;
+  waiting_.push_back(s);
+  const int64_t id = req->id;
+  requests_.emplace(id, std::move(req));
+  return id;
+}
+
+const Sequence& Scheduler::seq(int64_t id) const {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) throw std::out_of_range("no sequence " + std::to_string(id));
+  return *it->second;
+}
+
+const Request& Scheduler::request(int64_t id) const {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) throw std::out_of_range("no request " + std::to_string(id));
+  return *it->second;
+}
+
+// ---------------------------------------------------------------------------- blocks
+
+const BlockHash& Scheduler::hash_at(Sequence* s, int32_t i) {
+  const int32_t bs = cfg_.block_size;
+  while (static_cast<int32_t>(s->hashes.size()) <= i) {
+    const int32_t k = static_cast<int32_t>(s->hashes.size());
+    const BlockHash parent = k == 0 ? BlockHash{} : s->hashes[k - 1];
+    s->hashes.push_back(chain(parent, s->tokens.data() + static_cast<size_t>(k) * bs, bs));
+  }
+  return s->hashes[i];
+}
+
+void Scheduler::match_prefix(Sequence* s) {
+  if (!cfg_.enable_prefix_caching) return;
+  // Hits stop one token short of the end: the last token must be computed for its logits.
+  const int32_t max_hits = (s->num_tokens() - 1) / cfg_.block_size;
+  for (int32_t i = 0; i < max_hits; ++i) {
+    const BlockHash parent = i == 0 ? BlockHash{} : s->hashes[i - 1];
+    const BlockHash& h = hash_at(s, i);
+    const int32_t b = pool_.lookup(parent, h, s->tokens.data() + static_cast<size_t>(i) * cfg_.block_size);
+    if (b < 0) break;
+    s->blocks.push_back(b);
+  }
+  s->num_computed = static_cast<int32_t>(s->blocks.size()) * cfg_.block_size;
+  s->num_published = static_cast<int32_t>(s->blocks.size());
+}
+
+// Blocks for `tokens` more tokens of s; a decode write into a block shared
+// with a sibling copies it first. False (nothing changed) if too few are free.
+bool Scheduler::reserve(Sequence* s, int32_t tokens, int32_t& copies) {
+  const int32_t bs = cfg_.block_size;
+  const int32_t first = s->num_computed;
+  const int32_t need = std::max(0, blocks_for(first + tokens) - static_cast<int32_t>(s->blocks.size()));
+  const int32_t cow_block = first / bs;
+  const bool cow = first % bs != 0 && cow_block < static_cast<int32_t>(s->blocks.size()) &&
+                   pool_.refcount(s->blocks[cow_block]) > 1;
+  if (need + (cow ? 1 : 0) > pool_.num_free()) return false;
+  if (cow) {
+    const int32_t src = s->blocks[cow_block];
+    const int32_t dst = pool_.allocate();
+    buf_.copy_src[copies] = src;
+    buf_.copy_dst[copies] = dst;
+    ++copies;
+    ++stats_.block_copies;
+    pool_.decref(src);
+    s->blocks[cow_block] = dst;
+  }
+  for (int32_t i = 0; i < need; ++i) s->blocks.push_back(pool_.allocate());
+  if (s->slot >= 0 && (need > 0 || cow)) write_row(s);
+  return true;
+}
+
+void Scheduler::release_blocks(Sequence* s) {
+  pool_.release(s->blocks);
+  s->blocks.clear();
+  s->num_computed = 0;
+  s->num_published = 0;
+}
+
+void Scheduler::write_row(const Sequence* s) {
+  std::copy(s->blocks.begin(), s->blocks.end(), buf_.block_tables + static_cast<size_t>(s->slot) * max_blocks_);
+}
+
+void Scheduler::publish_computed(Sequence* s) {
+  if (!cfg_.enable_prefix_caching) return;
+  const int32_t bs = cfg_.block_size;
+  const int32_t full = s->num_computed / bs;
+  for (int32_t i = s->num_published; i < full; ++i) {
+    const BlockHash parent = i == 0 ? BlockHash{} : hash_at(s, i - 1);
+    pool_.publish(s->blocks[i], parent, hash_at(s, i), s->tokens.data() + static_cast<size_t>(i) * bs);
+  }
+  s->num_published = std::max(s->num_published, full);
+}
+
+// ---------------------------------------------------------------------------- running set
+
+void Scheduler::admit(Sequence* s) {
+  s->waiting = false;
+  s->running = true;
+  s->slot = static_cast<int32_t>(running_.size());
+  s->age = next_age_++;
+  running_.push_back(s);
+  by_age_.push_back(s);
+  write_row(s);
+}
+
+void Scheduler::remove_running(Sequence* s) {
+  const int32_t slot = s->slot;
+  Sequence* last = running_.back();
+  if (last != s) {  // keep the rows dense: the last row moves into the hole
+    running_[slot] = last;
+    last->slot = slot;
+    write_row(last);
+  }
+  running_.pop_back();
+  by_age_.erase(std::find(by_age_.begin(), by_age_.end(), s));
+  s->slot = -1;
+  s->running = false;
+}
+
+void Scheduler::preempt(Sequence* s) {
+  remove_running(s);
+  release_blocks(s);
+  s->q_len = 0;
+  s->waiting = true;
+  waiting_.push_front(s);
+  ++stats_.preemptions;
+}
+
+// ---------------------------------------------------------------------------- scheduling
+
+int32_t Scheduler::samples_needed(const Sequence* s) const { return s->forked ? 1 : s->req->cfg.n; }
+
+// How many of s's remaining tokens fit the budget and the sample limit (0: none).
+int32_t Scheduler::plan_chunk(Sequence* s, int32_t budget, int32_t samples) {
+  const int32_t remaining = s->num_tokens() - s->num_computed;
+  int32_t chunk = std::min(remaining, budget);
+  if (chunk == remaining && samples + samples_needed(s) > cfg_.max_samples) chunk = remaining - 1;
+  return std::max(chunk, 0);
+}
+
+StepInfo Scheduler::schedule() {
+  if (buf_.input_ids == nullptr) throw std::logic_error("schedule() before bind()");
+  int32_t budget = cfg_.max_num_batched_tokens;
+  int32_t samples = 0, copies = 0;
+  for (Sequence* s : running_) s->q_len = 0;
+
+  // 1. Decodes, oldest first; make room by preempting the youngest.
+  for (size_t i = 0; i < by_age_.size(); ++i) {
+    Sequence* s = by_age_[i];
+    if (s->num_computed != s->num_tokens() - 1 || samples + samples_needed(s) > cfg_.max_samples) continue;
+    bool ok = reserve(s, 1, copies);
+    while (!ok) {
+      Sequence* victim = by_age_.back();
+      preempt(victim);
+      if (victim == s) break;
+      ok = reserve(s, 1, copies);
+    }
+    if (!ok) break;  // s itself was the youngest: nothing after it is running
+    s->q_len = 1;
+    budget -= 1;
+    samples += samples_needed(s);
+  }
+
+  // 2. Prompts under way, oldest first, in chunks of what the budget leaves.
+  for (size_t i = 0; i < by_age_.size() && budget > 0; ++i) {
+    Sequence* s = by_age_[i];
+    if (s->q_len > 0 || s->num_computed >= s->num_tokens() - 1) continue;
+    int32_t chunk = plan_chunk(s, budget, samples);
+    // What fits in the blocks it has and the free ones; preempt younger
+    // unscheduled prompts if not even one token fits.
+    auto fits = [&]() {
+      const int64_t capacity = (static_cast<int64_t>(s->blocks.size()) + pool_.num_free()) * cfg_.block_size;
+      return static_cast<int32_t>(std::min<int64_t>(chunk, capacity - s->num_computed));
+    };
+    while (chunk > 0 && fits() <= 0) {
+      Sequence* victim = nullptr;
+      for (auto it = by_age_.rbegin(); it != by_age_.rend() && *it != s; ++it) {
+        if ((*it)->q_len == 0) {
+          victim = *it;
+          break;
+        }
+      }
+      if (victim == nullptr) break;
+      preempt(victim);
+    }
+    chunk = std::min(chunk, fits());
+    if (chunk <= 0) continue;
+    reserve(s, chunk, copies);  // fits: cannot fail
+    s->q_len = chunk;
+    budget -= chunk;
+    if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
+  }
+
+  // 3. Admit waiting sequences in arrival order while a row, budget and blocks allow.
+  while (!waiting_.empty() && budget > 0 && static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs) {
+    Sequence* s = waiting_.front();
+    match_prefix(s);
+    const int32_t chunk = plan_chunk(s, budget, samples);
+    const int32_t need = blocks_for(s->num_computed + chunk) - static_cast<int32_t>(s->blocks.size());
+    const int64_t spare = running_.empty() ? 0 : cfg_.watermark_blocks;
+    if (chunk <= 0 || need + spare > pool_.num_free()) {
+      release_blocks(s);  // give the prefix hits back; they stay cached
+      break;
+    }
+    stats_.prefix_hit_tokens += s->num_computed;
+    waiting_.pop_front();
+    admit(s);
+    reserve(s, chunk, copies);
+    s->q_len = chunk;
+    budget -= chunk;
+    if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
+  }
+
+  // The step's metadata, row by row in slot order.
+  StepInfo info;
+  const int32_t bs = cfg_.block_size;
+  int32_t t = 0, n_samples = 0, n_special = 0, min_q = INT32_MAX;
+  samples_.clear();
+  buf_.query_start_loc[0] = 0;
+  for (size_t r = 0; r < running_.size(); ++r) {
+    Sequence* s = running_[r];
+    const int32_t start = s->num_computed, k = s->q_len;
+    for (int32_t p = start; p < start + k; ++p, ++t) {
+      buf_.input_ids[t] = s->tokens[p];
+      buf_.positions[t] = p;
+      buf_.slot_mapping[t] = static_cast<int64_t>(s->blocks[p / bs]) * bs + p % bs;
+    }
+    buf_.query_start_loc[r + 1] = t;
+    buf_.context_lens[r] = start + k;
+    info.max_query_len = std::max(info.max_query_len, k);
+    info.max_context_len = std::max(info.max_context_len, start + k);
+    min_q = std::min(min_q, k);
+    if (k > 0 && start + k == s->num_tokens()) {
+      const RequestConfig& c = s->req->cfg;
+      const int32_t n = samples_needed(s);
+      // Forks first, the prompt sequence's own token last (update() forks from the unextended prompt).
+      for (int32_t j = 0; j < n; ++j) {
+        const int32_t index = n == 1 ? s->index : (j + 1) % n;
+        buf_.logits_indices[n_samples] = t - 1;
+        buf_.temperature[n_samples] = c.temperature;
+        buf_.top_k[n_samples] = c.top_k;
+        buf_.top_p[n_samples] = c.top_p;
+        buf_.sample_seq[n_samples] = s->id;
+        buf_.sample_index[n_samples] = index;
+        buf_.sample_request[n_samples] = s->req->id;
+        if (c.special) buf_.special_rows[n_special++] = n_samples;
+        samples_.emplace_back(index, s);
+        ++n_samples;
+      }
+    }
+  }
+  stats_.computed_tokens += t;
+  info.num_rows = static_cast<int32_t>(running_.size());
+  info.num_tokens = t;
+  info.num_samples = n_samples;
+  info.num_special = n_special;
+  info.num_copies = copies;
+  info.is_decode = info.num_rows > 0 && min_q == 1 && info.max_query_len == 1;
+  return info;
+}
+
+// ---------------------------------------------------------------------------- outputs
+
+Sequence* Scheduler::fork(Sequence* parent, int32_t index) {
+  Sequence* s = new_sequence(parent->req, index);
+  s->tokens = parent->tokens;
+  s->num_prompt = parent->num_prompt;
+  s->hashes = parent->hashes;
+  s->forked = true;
+  if (static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs) {
+    s->blocks = parent->blocks;
+    for (int32_t b : s->blocks) pool_.incref(b);
+    s->num_computed = parent->num_computed;
+    s->num_published = parent->num_published;
+    admit(s);
+  } else {  // no row free: wait, and find the prompt's full blocks in the prefix cache later
+    s->waiting = true;
+    waiting_.push_front(s);
+  }
+  return s;
+}
+
+void Scheduler::append(Sequence* s, int32_t token, std::vector<Event>& finished) {
+  const RequestConfig& c = s->req->cfg;
+  s->tokens.push_back(token);
+  if (!c.ignore_eos && eos_.count(token)) {
+    finish(s, kStop, -1, &finished);
+    return;
+  }
+  if (std::find(c.stop_token_ids.begin(), c.stop_token_ids.end(), token) != c.stop_token_ids.end()) {
+    s->stop_token = token;
+    finish(s, kStop, -1, &finished);
+    return;
+  }
+  if (!token_bytes_.empty() && token >= 0 && static_cast<size_t>(token) < token_bytes_.size() &&
+      !(c.skip_special_tokens && special_[token])) {
+    const size_t old = s->text.size();
+    const std::string& bytes = token_bytes_[token];
+    s->utf8.decode(bytes.data(), bytes.size(), s->text);
+    if (s->text.size() > old && !c.stop_strings.empty()) {
+      const size_t from = old >= s->req->max_stop_len ? old - s->req->max_stop_len + 1 : 0;
+      size_t best = std::string::npos;
+      for (size_t k = 0; k < c.stop_strings.size(); ++k) {
+        const size_t at = s->text.find(c.stop_strings[k], from);
+        if (at < best) {
+          best = at;
+          s->stop_string = static_cast<int32_t>(k);
+        }
+      }
+      if (best != std::string::npos) {
+        finish(s, kStop, static_cast<int64_t>(best), &finished);
+        return;
+      }
+    }
+  }
+  if (s->num_output() >= c.max_tokens || s->num_tokens() >= cfg_.max_model_len) finish(s, kLength, -1, &finished);
+}
+
+void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Event>* finished) {
+  if (s->finish != kNotFinished) return;
+  if (cut >= 0) {
+    s->text.resize(std::min<size_t>(static_cast<size_t>(cut), s->text.size()));
+  } else {
+    s->utf8.flush(s->text);
+  }
+  s->finish = reason;
+  if (s->running) remove_running(s);
+  if (s->waiting) {
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), s));
+    s->waiting = false;
+  }
+  if (!s->blocks.empty()) release_blocks(s);
+  s->q_len = 0;
+  ++s->req->num_finished;
+  if (finished) finished->emplace_back(s->id, s->req->id);
+}
+
+void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& finished, std::vector<Event>& watched) {
+  if (n != static_cast<int32_t>(samples_.size())) {
+    throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " + std::to_string(samples_.size()) +
+                                " sampled rows");
+  }
+  // The step's tokens are in the cache now.
+  for (Sequence* s : running_) {
+    s->num_computed += s->q_len;
+    publish_computed(s);
+  }
+  for (int32_t j = 0; j < n; ++j) {
+    auto [index, s] = samples_[j];
+    if (s == nullptr || s->finish != kNotFinished) {  // aborted or removed since schedule()
+      buf_.sample_seq[j] = -1;
+      continue;
+    }
+    Sequence* target = s;
+    if (index != s->index) {
+      target = fork(s, index);
+    } else if (!s->forked) {
+      s->forked = true;  // the prompt sequence keeps completion 0
+    }
+    buf_.sample_seq[j] = target->id;
+    const bool watch = target->req->cfg.watch;
+    const size_t before = target->text.size();
+    append(target, sampled[j], finished);
+    if (watch && target->finish == kNotFinished && target->text.size() > before) watched.emplace_back(target->id, target->req->id);
+  }
+  for (Sequence* s : running_) s->q_len = 0;
+  samples_.clear();
+}
+
+size_t Scheduler::stable_text_len(int64_t id) const {
+  const Sequence& s = seq(id);
+  if (s.finish != kNotFinished || s.req->max_stop_len == 0) return s.text.size();
+  const size_t hold = s.req->max_stop_len - 1;
+  return utf8_floor(s.text, s.text.size() > hold ? s.text.size() - hold : 0);
+}
+
+void Scheduler::abort(int64_t request) {
+  auto it = requests_.find(request);
+  if (it == requests_.end()) return;
+  for (Sequence* s : it->second->seqs) finish(s, kAbort, -1, nullptr);
+}
+
+void Scheduler::stop(int64_t id, int64_t cut_bytes) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) throw std::out_of_range("no sequence " + std::to_string(id));
+  finish(it->second.get(), kStop, cut_bytes, nullptr);
+}
+
+void Scheduler::remove_request(int64_t request) {
+  auto it = requests_.find(request);
+  if (it == requests_.end()) return;
+  for (Sequence* s : it->second->seqs) {
+    if (s->finish == kNotFinished) finish(s, kAbort, -1, nullptr);
+    for (auto& sample : samples_) {
+      if (sample.second == s) sample.second = nullptr;  // rows keep their places; update() skips them
+    }
+    seqs_.erase(s->id);
+  }
+  requests_.erase(it);
+}
+
+void Scheduler::check() const {
+  pool_.check();
+  std::unordered_map<int32_t, int32_t> refs;
+  for (const auto& [id, s] : seqs_) {
+    for (int32_t b : s->blocks) ++refs[b];
+    if (s->running && (s->slot < 0 || running_[s->slot] != s.get())) throw std::logic_error("slot map broken");
+    if (s->running && s->waiting) throw std::logic_error("sequence both running and waiting");
+    if (!s->running && !s->waiting && !s->blocks.empty()) throw std::logic_error("idle sequence holds blocks");
+    if (s->num_computed > s->num_tokens()) throw std::logic_error("computed past the end");
+    if (static_cast<int32_t>(s->blocks.size()) < blocks_for(s->num_computed)) throw std::logic_error("computed without blocks");
+    if (s->running) {
+      const int32_t* row = buf_.block_tables + static_cast<size_t>(s->slot) * max_blocks_;
+      if (!std::equal(s->blocks.begin(), s->blocks.end(), row)) throw std::logic_error("block-table row is stale");
+    }
+  }
+  for (int64_t b = 0; b < pool_.num_blocks(); ++b) {
+    const int32_t held = refs.count(static_cast<int32_t>(b)) ? refs[static_cast<int32_t>(b)] : 0;
+    if (held != pool_.refcount(static_cast<int32_t>(b))) {
+      throw std::logic_error("block " + std::to_string(b) + " has refcount " + std::to_string(pool_.refcount(b)) +
+                             " but " + std::to_string(held) + " holders");
+    }
+  }
+  if (running_.size() != by_age_.size()) throw std::logic_error("running lists disagree");
+}
+
+}  // namespace fastcodegen

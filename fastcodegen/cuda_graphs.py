@@ -1,0 +1,71 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode step of a small model is a few hundred kernel launches that each run
+for microseconds: launching them one by one from Python costs more than they
+do. A CUDA graph records them once and replays them with one call. Each
+bucket's graph is captured after an eager warm-up of the same bucket (Triton
+compiles and picks its configs then, never during capture), largest bucket
+first, all into one memory pool.
+
+The graph reads the model runner's persistent device buffers; a step with R
+rows runs the smallest bucket B >= R, its rows R..B-1 padded with slot -1 (no
+K/V store) and context length 0 (attention writes zeros). Sampling stays
+outside the graph.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from .model_runner import ModelRunner
+from .scheduler import HostStep, Scheduler
+
+logger = logging.getLogger("fastcodegen")
+
+
+def default_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 64, then steps of 16, up to max_rows."""
+    sizes = [1, 2, 4, 8] + list(range(16, 65, 8)) + list(range(80, max(max_rows, 80) + 1, 16))
+    out = sorted({b for b in sizes if b < max_rows} | {max_rows})
+    return out
+
+
+class CudaGraphs:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, buckets: list[int]):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.buckets = sorted(buckets)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def fits(self, rows: int) -> bool:
+        return rows <= self.buckets[-1]
+
+    def bucket(self, rows: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, rows)]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        model, kv = self.runner.model, self.runner.kv_cache
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):
+            batch = self.runner.upload(self.scheduler.padding_step(b))
+            for _ in range(2):  # warm-up: compiles the kernels for this shape
+                model.compute_logits(model.forward(batch, kv))
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = model.compute_logits(model.forward(batch, kv))
+            self._graphs[b] = (graph, logits)
+        torch.cuda.synchronize(self.runner.device)
+        logger.info("captured CUDA graphs for decode batches %s", self.buckets)
+
+    def run(self, step: HostStep) -> torch.Tensor:
+        """Logits [num_samples, vocab_size] of a decode step, by replaying its bucket's graph."""
+        b = self.bucket(step.info.num_rows)
+        self.runner.upload(self.scheduler.pad_decode(step, b))
+        graph, logits = self._graphs[b]
+        graph.replay()
+        return logits[step.logits_indices.to(logits.device, non_blocking=True)]
