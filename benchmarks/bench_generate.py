@@ -116,28 +116,37 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument(
+        "--compare-graphs", action="store_true", help="also time fastcodegen with CUDA graphs off (enforce_eager)"
+    )
     args = p.parse_args()
 
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
-    engine = Engine(args.model, device=device, dtype=dtype, load_format=args.load_format, progress=False)
+    kw = dict(device=device, dtype=dtype, load_format=args.load_format, backend=args.backend, progress=False)
+    engine = Engine(args.model, **kw)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(
-        0, 50000 if engine.vocab_limit > 50000 else engine.vocab_limit, (args.batch, args.prompt_len), generator=g
-    ).tolist()
+    prompts = torch.randint(0, min(50000, engine.vocab_limit), (args.batch, args.prompt_len), generator=g).tolist()
 
     ours = time_fastcodegen(engine, prompts, args.new_tokens, args.repeats)
+    eager = None
+    if args.compare_graphs:
+        del engine
+        engine = Engine(args.model, enforce_eager=True, **kw)
+        eager = time_fastcodegen(engine, prompts, args.new_tokens, args.repeats)
     theirs = None if args.no_baseline else time_transformers(engine, prompts, args.new_tokens, args.repeats)
 
     print(
         f"{args.model} ({args.load_format}) on {_device_name(device)}, {str(dtype).removeprefix('torch.')}, "
         f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"
     )
-    print(f"{'':24}{'fastcodegen':>14}{'transformers':>14}{'ratio':>8}")
+    print(f"{'':24}{'fastcodegen':>14}{'transformers':>14}{'ratio':>8}" + (f"{'no graphs':>12}" if eager else ""))
     for key, label in (("ttft_ms", "time to first token ms"), ("decode_ms_per_step", "decode ms / step")):
         line = f"{label:24}{ours[key]:14.2f}"
-        if theirs:
-            line += f"{theirs[key]:14.2f}{theirs[key] / ours[key]:8.2f}x"
+        line += f"{theirs[key]:14.2f}{theirs[key] / ours[key]:8.2f}x" if theirs else f"{'':22}"
+        if eager:
+            line += f"{eager[key]:12.2f}"
         print(line)
     record = {
         "benchmark": "bench_generate",
@@ -153,6 +162,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "fastcodegen": ours,
+        "fastcodegen_enforce_eager": eager,
         "transformers": theirs,
     }
     print(json.dumps(record))

@@ -67,6 +67,12 @@ void Utf8Decoder::decode(const char* bytes, size_t n, std::string& out, bool fin
       }
       const unsigned char d = static_cast<unsigned char>(p[j]);
       if (d < (k == 0 ? lo : 0x80) || d > (k == 0 ? hi : 0xBF)) {
+        if (!final && c == 0xED && k == 0 && d >= 0xA0 && d <= 0xBF && j + 1 >= n) {
+          // Python holds the first two bytes of a surrogate back too (for its
+          // surrogatepass handler); they become U+FFFDs when the next chunk comes.
+          pending_.assign(p + i, n - i);
+          return;
+        }
         bad = true;
         break;
       }

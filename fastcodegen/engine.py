@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import logging
 import operator
 import os
@@ -181,7 +182,7 @@ class Engine:
         """The model config and the converted checkpoint directory (None for dummy weights)."""
         # Imported here, not at the top: `python -m fastcodegen.convert` must find
         # the module unimported when the package initialises.
-        from .convert import SourceCheckpoint, ensure_converted
+        from .convert import ensure_converted
 
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
@@ -193,7 +194,8 @@ class Engine:
             if is_converted(path):
                 return read_converted_config(path)[0], None
             if (path / "config.json").is_file():
-                return SourceCheckpoint(path).config, None
+                config_file = path / "config.json"
+                return ModelConfig.from_hf_config(json.loads(config_file.read_text()), str(config_file)), None
             raise ValueError(
                 f"load_format='dummy' needs an official model name or a checkpoint directory with a config, got {model!r}"
             )

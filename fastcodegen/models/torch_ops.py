@@ -102,7 +102,37 @@ def paged_attention(
     query_start_loc [B + 1]. Query i of sequence b sits at position
     context_lens[b] - query_len[b] + i and sees keys at positions up to its
     own. Returns [T, H, D] in the cache dtype.
+
+    Decode steps (one query per sequence) run as one padded batch; other
+    steps one sequence at a time, so that a long prompt beside many short
+    sequences never pads them all to its length.
     """
+    if max_query_len <= 1 and q.shape[0] == context_lens.shape[0]:
+        return _attend(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, 1, max_context_len)
+    out = torch.empty_like(q, dtype=v_cache.dtype)
+    starts, ctx = query_start_loc.tolist(), context_lens.tolist()
+    for b in range(len(ctx)):
+        a, e = starts[b], starts[b + 1]
+        if a == e:
+            continue
+        out[a:e] = _attend(
+            q[a:e], k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1],
+            torch.tensor([0, e - a], device=q.device), e - a, ctx[b],
+        )  # fmt: skip
+    return out
+
+
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_context_len: int,
+) -> torch.Tensor:
+    """paged_attention over a batch padded to [B, max_query_len] queries and [B, max_context_len] keys."""
     block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
     device = q.device
     starts, ctx = query_start_loc.long(), context_lens.long()
