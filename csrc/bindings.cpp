@@ -203,7 +203,8 @@ PYBIND11_MODULE(_C, m) {
                             py::arg("stop_string") = q.stop_string, py::arg("stop_token") = q.stop_token,
                             py::arg("num_prompt") = q.num_prompt, py::arg("num_tokens") = q.num_tokens(),
                             py::arg("num_computed") = q.num_computed, py::arg("running") = q.running,
-                            py::arg("waiting") = q.waiting, py::arg("blocks") = q.blocks);
+                            py::arg("waiting") = q.waiting, py::arg("blocks") = q.blocks,
+                            py::arg("copy_src") = q.copy_src);
           },
           py::arg("seq"))
       .def(

@@ -101,23 +101,21 @@ void Scheduler::match_prefix(Sequence* s) {
 
 // Blocks for `tokens` more tokens of s; a decode write into a block shared
 // with a sibling copies it first. False (nothing changed) if too few are free.
-bool Scheduler::reserve(Sequence* s, int32_t tokens, int32_t& copies) {
+bool Scheduler::reserve(Sequence* s, int32_t tokens) {
   const int32_t bs = cfg_.block_size;
   const int32_t first = s->num_computed;
   const int32_t need = std::max(0, blocks_for(first + tokens) - static_cast<int32_t>(s->blocks.size()));
   const int32_t cow_block = first / bs;
+  // Shared with a sibling: held by others than this sequence and the pending copies out of it.
   const bool cow = first % bs != 0 && cow_block < static_cast<int32_t>(s->blocks.size()) &&
-                   pool_.refcount(s->blocks[cow_block]) > 1;
+                   pool_.refcount(s->blocks[cow_block]) - copy_holds(s->blocks[cow_block]) > 1;
   if (need + (cow ? 1 : 0) > pool_.num_free()) return false;
-  if (cow) {
-    const int32_t src = s->blocks[cow_block];
-    const int32_t dst = pool_.allocate();
-    buf_.copy_src[copies] = src;
-    buf_.copy_dst[copies] = dst;
-    ++copies;
+  if (cow) {  // the copy itself is issued with the step's metadata, and released in update()
+    s->copy_src = s->blocks[cow_block];
+    ++copy_holds_[s->copy_src];
+    s->copy_dst = pool_.allocate();
+    s->blocks[cow_block] = s->copy_dst;
     ++stats_.block_copies;
-    pool_.decref(src);
-    s->blocks[cow_block] = dst;
   }
   for (int32_t i = 0; i < need; ++i) s->blocks.push_back(pool_.allocate());
   if (s->slot >= 0 && (need > 0 || cow)) write_row(s);
@@ -125,10 +123,24 @@ bool Scheduler::reserve(Sequence* s, int32_t tokens, int32_t& copies) {
 }
 
 void Scheduler::release_blocks(Sequence* s) {
+  drop_copy_source(s);
   pool_.release(s->blocks);
   s->blocks.clear();
   s->num_computed = 0;
   s->num_published = 0;
+}
+
+void Scheduler::drop_copy_source(Sequence* s) {
+  if (s->copy_src >= 0) {
+    if (--copy_holds_[s->copy_src] == 0) copy_holds_.erase(s->copy_src);
+    pool_.decref(s->copy_src);
+  }
+  s->copy_src = s->copy_dst = -1;
+}
+
+int32_t Scheduler::copy_holds(int32_t block) const {
+  auto it = copy_holds_.find(block);
+  return it == copy_holds_.end() ? 0 : it->second;
 }
 
 void Scheduler::write_row(const Sequence* s) {
@@ -196,19 +208,19 @@ int32_t Scheduler::plan_chunk(Sequence* s, int32_t budget, int32_t samples) {
 StepInfo Scheduler::schedule() {
   if (buf_.input_ids == nullptr) throw std::logic_error("schedule() before bind()");
   int32_t budget = cfg_.max_num_batched_tokens;
-  int32_t samples = 0, copies = 0;
+  int32_t samples = 0, copies = 0;  // copies are counted as the metadata is written
   for (Sequence* s : running_) s->q_len = 0;
 
   // 1. Decodes, oldest first; make room by preempting the youngest.
   for (size_t i = 0; i < by_age_.size(); ++i) {
     Sequence* s = by_age_[i];
     if (s->num_computed != s->num_tokens() - 1 || samples + samples_needed(s) > cfg_.max_samples) continue;
-    bool ok = reserve(s, 1, copies);
+    bool ok = reserve(s, 1);
     while (!ok) {
       Sequence* victim = by_age_.back();
       preempt(victim);
       if (victim == s) break;
-      ok = reserve(s, 1, copies);
+      ok = reserve(s, 1);
     }
     if (!ok) break;  // s itself was the youngest: nothing after it is running
     s->q_len = 1;
@@ -240,7 +252,7 @@ StepInfo Scheduler::schedule() {
     }
     chunk = std::min(chunk, fits());
     if (chunk <= 0) continue;
-    reserve(s, chunk, copies);  // fits: cannot fail
+    reserve(s, chunk);  // fits: cannot fail
     s->q_len = chunk;
     budget -= chunk;
     if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
@@ -260,7 +272,7 @@ StepInfo Scheduler::schedule() {
     stats_.prefix_hit_tokens += s->num_computed;
     waiting_.pop_front();
     admit(s);
-    reserve(s, chunk, copies);
+    reserve(s, chunk);
     s->q_len = chunk;
     budget -= chunk;
     if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
@@ -274,6 +286,11 @@ StepInfo Scheduler::schedule() {
   buf_.query_start_loc[0] = 0;
   for (size_t r = 0; r < running_.size(); ++r) {
     Sequence* s = running_[r];
+    if (s->copy_src >= 0) {  // new this step, or left over from a step that did not complete
+      buf_.copy_src[copies] = s->copy_src;
+      buf_.copy_dst[copies] = s->copy_dst;
+      ++copies;
+    }
     const int32_t start = s->num_computed, k = s->q_len;
     for (int32_t p = start; p < start + k; ++p, ++t) {
       buf_.input_ids[t] = s->tokens[p];
@@ -395,10 +412,11 @@ void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& fi
     throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " + std::to_string(samples_.size()) +
                                 " sampled rows");
   }
-  // The step's tokens are in the cache now.
+  // The step's tokens are in the cache now, and its block copies made.
   for (Sequence* s : running_) {
     s->num_computed += s->q_len;
     publish_computed(s);
+    drop_copy_source(s);
   }
   for (int32_t j = 0; j < n; ++j) {
     auto [index, s] = samples_[j];
@@ -459,6 +477,7 @@ void Scheduler::check() const {
   std::unordered_map<int32_t, int32_t> refs;
   for (const auto& [id, s] : seqs_) {
     for (int32_t b : s->blocks) ++refs[b];
+    if (s->copy_src >= 0) ++refs[s->copy_src];
     if (s->running && (s->slot < 0 || running_[s->slot] != s.get())) throw std::logic_error("slot map broken");
     if (s->running && s->waiting) throw std::logic_error("sequence both running and waiting");
     if (!s->running && !s->waiting && !s->blocks.empty()) throw std::logic_error("idle sequence holds blocks");

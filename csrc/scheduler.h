@@ -84,6 +84,10 @@ struct Sequence {
   bool waiting = false;
   bool forked = false;        // an n-sample request's prompt sequence has forked
   int32_t slot = -1;          // row in the running batch
+  // A copy-on-write not yet confirmed by update(): the table already points
+  // at copy_dst; copy_src stays held (and the copy is re-issued each step)
+  // until a step that made the copy completes.
+  int32_t copy_src = -1, copy_dst = -1;
   uint64_t age = 0;           // admission order
   int32_t q_len = 0;          // tokens scheduled this step
   std::string text;           // decoded output, UTF-8
@@ -187,13 +191,15 @@ class Scheduler {
   int32_t blocks_for(int32_t tokens) const { return (tokens + cfg_.block_size - 1) / cfg_.block_size; }
   const BlockHash& hash_at(Sequence* s, int32_t i);
   void match_prefix(Sequence* s);
-  bool reserve(Sequence* s, int32_t tokens, int32_t& copies);
+  bool reserve(Sequence* s, int32_t tokens);
   int32_t samples_needed(const Sequence* s) const;
   int32_t plan_chunk(Sequence* s, int32_t budget, int32_t samples);
   void admit(Sequence* s);
   void remove_running(Sequence* s);
   void preempt(Sequence* s);
   void release_blocks(Sequence* s);
+  void drop_copy_source(Sequence* s);
+  int32_t copy_holds(int32_t block) const;
   void write_row(const Sequence* s);
   void publish_computed(Sequence* s);
   void append(Sequence* s, int32_t token, std::vector<Event>& finished);
@@ -213,6 +219,7 @@ class Scheduler {
   std::vector<Sequence*> running_;  // slot order
   std::vector<Sequence*> by_age_;   // running, oldest admitted first
   std::deque<Sequence*> waiting_;
+  std::unordered_map<int32_t, int32_t> copy_holds_;  // block -> pending copies reading it
   std::vector<std::pair<int32_t, Sequence*>> samples_;  // last schedule(): (completion index, sequence) per row
   int64_t next_seq_ = 0, next_request_ = 0;
   uint64_t next_age_ = 0;

@@ -399,8 +399,10 @@ class Engine:
     ) -> RequestState:
         patterns = PatternStops(params.stop_patterns) if params.stop_patterns else None
         core_id = self._scheduler.add(ids, params, watch=watch or patterns is not None)
+        while request_id is None or request_id in self._by_user_id:  # never a live request's id
+            request_id = str(next(self._request_ids))
         req = RequestState(
-            request_id=request_id if request_id is not None else str(next(self._request_ids)),
+            request_id=request_id,
             core_id=core_id,
             prompt=text,
             prompt_token_ids=ids,

@@ -243,8 +243,11 @@ class Harness:
         """block -> [(sequence, index in its table)] over every unfinished sequence."""
         holders = defaultdict(list)
         for s in self.unfinished():
-            for i, b in enumerate(self.core.seq_info(s)["blocks"]):
+            info = self.core.seq_info(s)
+            for i, b in enumerate(info["blocks"]):
                 holders[b].append((s, i))
+            if info["copy_src"] >= 0:  # a pending copy-on-write holds its source too
+                holders[info["copy_src"]].append((s, -1))
         return holders
 
     def check(self) -> None:
@@ -252,12 +255,16 @@ class Harness:
         pool = self.pool
         infos = {s: self.core.seq_info(s) for s in sorted(self.active)}
         holders = defaultdict(list)
+        pending = defaultdict(int)  # a copy-on-write source stays held until the step that copies it completes
         for s, info in infos.items():
             for i, b in enumerate(info["blocks"]):
                 holders[b].append((s, i))
+            if info["copy_src"] >= 0:
+                assert info["copy_src"] not in info["blocks"]
+                pending[info["copy_src"]] += 1
         for b in range(pool.num_blocks):
-            assert pool.refcount(b) == len(holders.get(b, [])), b
-        assert pool.num_free == pool.num_blocks - len(holders)
+            assert pool.refcount(b) == len(holders.get(b, [])) + pending[b], b
+        assert pool.num_free == pool.num_blocks - len(set(holders) | {b for b, n in pending.items() if n})
         assert pool.num_evictable <= pool.num_cached
         for b, hs in holders.items():
             seqs = [s for s, _ in hs]
@@ -841,10 +848,13 @@ def test_n_samples_fork_after_the_prompt_and_copy_the_shared_block_on_write():
     assert infos[keeper]["index"] == n - 1
     for x in prompt_blocks[:2]:
         assert h.pool.refcount(x) == n
-    for x in dsts + [prompt_blocks[2]]:
+    for x in dsts:
         assert h.pool.refcount(x) == 1
+    # The shared block stays held by the n - 1 pending copies until the step that makes them completes.
+    assert h.pool.refcount(prompt_blocks[2]) == n
     assert h.core.stats.block_copies == n - 1
     h.update([20 + i for i in range(len(st.samples))])
+    assert h.pool.refcount(prompt_blocks[2]) == 1
     h.run_until_done()
     for s in seqs:
         assert len(h.core.output_tokens(s)) == 5
