@@ -50,6 +50,8 @@ int64_t Scheduler::add_request(const std::vector<int32_t>& prompt, const Request
   req->cfg = cfg;
   for (const auto& s : cfg.stop_strings) req->max_stop_len = std::max(req->max_stop_len, s.size());
   Sequence* s = new_sequence(req.get(), 0);
+  // Room for every token it may get, so appends never move it.
+  s->tokens.reserve(std::min<size_t>(prompt.size() + static_cast<size_t>(std::max(cfg.max_tokens, 0)), cfg_.max_model_len));
   s->tokens = prompt;
   s->num_prompt = static_cast<int32_t>(prompt.size());
   s->forked = cfg.n == 1;
@@ -335,6 +337,7 @@ StepInfo Scheduler::schedule() {
 
 Sequence* Scheduler::fork(Sequence* parent, int32_t index) {
   Sequence* s = new_sequence(parent->req, index);
+  s->tokens.reserve(parent->tokens.capacity());
   s->tokens = parent->tokens;
   s->num_prompt = parent->num_prompt;
   s->hashes = parent->hashes;
@@ -407,6 +410,18 @@ void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Eve
   if (finished) finished->emplace_back(s->id, s->req->id);
 }
 
+// What append() will touch for a sequence, fetched a few rows ahead: a step
+// visits hundreds of sequences whose token lists, texts and request configs
+// are scattered over the heap and rarely still in cache.
+void Scheduler::prefetch_append(const Sequence* s, int32_t token) const {
+  if (s == nullptr) return;
+  __builtin_prefetch(s->tokens.data() + s->tokens.size(), 1);
+  __builtin_prefetch(s->text.data() + s->text.size(), 1);
+  __builtin_prefetch(&s->req->cfg);
+  if (!s->req->cfg.stop_strings.empty()) __builtin_prefetch(s->req->cfg.stop_strings.data());
+  if (token >= 0 && static_cast<size_t>(token) < token_bytes_.size()) __builtin_prefetch(&token_bytes_[token]);
+}
+
 void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& finished, std::vector<Event>& watched) {
   if (n != static_cast<int32_t>(samples_.size())) {
     throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " + std::to_string(samples_.size()) +
@@ -419,6 +434,7 @@ void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& fi
     drop_copy_source(s);
   }
   for (int32_t j = 0; j < n; ++j) {
+    if (j + kPrefetchAhead < n) prefetch_append(samples_[j + kPrefetchAhead].second, sampled[j + kPrefetchAhead]);
     auto [index, s] = samples_[j];
     if (s == nullptr || s->finish != kNotFinished) {  // aborted or removed since schedule()
       buf_.sample_seq[j] = -1;

@@ -203,6 +203,8 @@ class Scheduler {
   void write_row(const Sequence* s);
   void publish_computed(Sequence* s);
   void append(Sequence* s, int32_t token, std::vector<Event>& finished);
+  void prefetch_append(const Sequence* s, int32_t token) const;
+  static constexpr int32_t kPrefetchAhead = 6;
   void finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Event>* finished);
   Sequence* fork(Sequence* parent, int32_t index);
   Sequence* new_sequence(Request* req, int32_t index);

@@ -87,6 +87,7 @@ class Scheduler:
         self._np = {k: v.numpy() for k, v in self._b.items()}
         self.core.bind(*self._np.values())
         self._block_tables = self._b["block_tables"].view(r, self.max_blocks_per_seq)
+        self._view_cache: dict[tuple, HostStep] = {}
 
     def set_vocabulary(self, tokenizer: Tokenizer) -> None:
         self.core.set_vocabulary(
@@ -113,6 +114,17 @@ class Scheduler:
         return self._views(self.core.schedule())
 
     def _views(self, info: "_C.StepInfo") -> HostStep:
+        # Consecutive decode steps have the same shape: reuse their views (slicing costs microseconds).
+        shape = (info.num_tokens, info.num_rows, info.num_samples, info.num_copies, info.num_special)
+        cached = self._view_cache.get(shape)
+        if cached is None:
+            cached = self._view_cache[shape] = self._slice(info)
+            if len(self._view_cache) > 64:
+                self._view_cache.pop(next(iter(self._view_cache)))
+        cached.info = info
+        return cached
+
+    def _slice(self, info: "_C.StepInfo") -> HostStep:
         b, t, r, s = self._b, info.num_tokens, info.num_rows, info.num_samples
         return HostStep(
             info=info,
@@ -167,7 +179,7 @@ class Scheduler:
         info.is_decode = True
         info.max_query_len = 1
         self._b["query_start_loc"][0] = 0
-        return self.pad_decode(self._views(info), rows)
+        return self.pad_decode(self._slice(info), rows)
 
     def update(self, sampled: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Applies the sampled tokens: ([(seq, request)] finished, [(seq, request)] watched with new text)."""
