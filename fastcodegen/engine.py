@@ -166,6 +166,7 @@ class Engine:
         self._sampler = Sampler(min(self.vocab_limit, model_config.vocab_size), self._generator)
         self._requests: dict[int, RequestState] = {}  # by the scheduler's id
         self._by_user_id: dict[str, int] = {}
+        self._news: set[int] = set()  # requests of add_request() with news step() has not reported
         self._request_ids = itertools.count()
 
     # ------------------------------------------------------------------ loading
@@ -239,18 +240,23 @@ class Engine:
         [(text, ids, params)] = self._validate(
             prompt, None if prompt_token_ids is None else [prompt_token_ids], sampling_params
         )
-        return self._add(text, ids, params, watch=True, request_id=request_id).request_id
+        return self._add(text, ids, params, watch=True, request_id=request_id, served=True).request_id
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the outputs of the requests it advanced (finished ones for the last time)."""
-        if not self._scheduler.core.has_unfinished():
-            return []
+        """Runs one step; returns the outputs of the requests added with `add_request` that advanced.
+
+        A request's text so far, and once more with `finished=True` when it
+        ends. Progress made meanwhile by `generate` calls is reported too.
+        """
+        if self._scheduler.core.has_unfinished():
+            self._step()
         outs = []
-        for core_id in self._step():
+        for core_id in sorted(self._news):
             req = self._requests[core_id]
-            outs.append(self._output(req, final=req.finished))
+            outs.append(self._output(req))
             if req.finished:
                 self._forget(req)
+        self._news.clear()
         return outs
 
     def abort(self, request_id: str) -> None:
@@ -305,7 +311,7 @@ class Engine:
                 for req in self._run(requests):
                     if req.finished:
                         bar.update(1)
-            return [self._output(r, final=True) for r in requests]
+            return [self._output(r) for r in requests]
         finally:
             self._settle(requests)
 
@@ -313,7 +319,7 @@ class Engine:
         requests = [self._add(t, ids, p, watch=True) for t, ids, p in validated]
         try:
             for req in self._run(requests):
-                yield self._output(req, final=req.finished)
+                yield self._output(req)
         finally:
             self._settle(requests)
 
@@ -395,7 +401,13 @@ class Engine:
         return list(zip(texts, id_lists, params))
 
     def _add(
-        self, text: Optional[str], ids: list[int], params: SamplingParams, watch: bool, request_id: Optional[str] = None
+        self,
+        text: Optional[str],
+        ids: list[int],
+        params: SamplingParams,
+        watch: bool,
+        request_id: Optional[str] = None,
+        served: bool = False,
     ) -> RequestState:
         patterns = PatternStops(params.stop_patterns) if params.stop_patterns else None
         core_id = self._scheduler.add(ids, params, watch=watch or patterns is not None)
@@ -409,6 +421,7 @@ class Engine:
             params=params,
             patterns=patterns,
             watch=watch or patterns is not None,
+            served=served,
         )
         self._requests[core_id] = req
         self._by_user_id[req.request_id] = core_id
@@ -420,6 +433,7 @@ class Engine:
             req.finished = req.aborted = True
 
     def _forget(self, req: RequestState) -> None:
+        self._news.discard(req.core_id)
         self._scheduler.core.remove_request(req.core_id)
         self._requests.pop(req.core_id, None)
         self._by_user_id.pop(req.request_id, None)
@@ -467,11 +481,12 @@ class Engine:
             news.add(core_id)
             if sched.core.request_num_finished(core_id) == req.params.n:
                 req.finished = True
+        self._news.update(c for c in news if self._requests[c].served)
         return news
 
     # ------------------------------------------------------------------ outputs
 
-    def _output(self, req: RequestState, final: bool) -> RequestOutput:
+    def _output(self, req: RequestState) -> RequestOutput:
         core = self._scheduler.core
         completions = []
         for seq in core.request_seqs(req.core_id):

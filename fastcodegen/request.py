@@ -25,6 +25,7 @@ class RequestState:
     params: SamplingParams
     patterns: Optional[PatternStops]
     watch: bool  # the scheduler reports its text as it grows
+    served: bool = False  # added with add_request(): step() reports its news
     finished: bool = False
     aborted: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> generator

@@ -10,6 +10,7 @@ step uses. Nothing here loops over sequences.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -154,23 +155,14 @@ class Scheduler:
         b["slot_mapping"][r:rows] = -1
         b["context_lens"][r:rows] = 0
         b["query_start_loc"][r + 1 : rows + 1] = torch.arange(r + 1, rows + 1, dtype=torch.int32)
-        return HostStep(
-            info=step.info,
+        return dataclasses.replace(
+            step,
             input_ids=b["input_ids"][:rows],
             positions=b["positions"][:rows],
             slot_mapping=b["slot_mapping"][:rows],
             query_start_loc=b["query_start_loc"][: rows + 1],
             context_lens=b["context_lens"][:rows],
             block_tables=self._block_tables[:rows],
-            logits_indices=step.logits_indices,
-            temperature=step.temperature,
-            top_k=step.top_k,
-            top_p=step.top_p,
-            copy_src=step.copy_src,
-            copy_dst=step.copy_dst,
-            sample_index=step.sample_index,
-            sample_request=step.sample_request,
-            special_rows=step.special_rows,
         )
 
     def padding_step(self, rows: int) -> HostStep:

@@ -1061,3 +1061,32 @@ def test_engine_facade_hands_out_views_of_the_bound_buffers():
     finished, _ = sched.update(np.array([9, 9], dtype=np.int32))
     assert sorted(finished) == sorted((s, rid) for s in seqs)
     assert sched.core.pool.num_free == 8
+
+
+def test_decode_step_padded_for_a_graph_bucket():
+    """What a CUDA graph's padding rows hold: no K/V store (slot -1), nothing to attend to (context 0)."""
+    import torch
+
+    from fastcodegen.config import EngineConfig
+    from fastcodegen.sampling_params import SamplingParams
+    from fastcodegen.scheduler import Scheduler as Facade
+
+    cfg = EngineConfig(model="x", device=torch.device("cpu"), dtype=torch.float32, max_model_len=64, max_num_seqs=8)
+    sched = Facade(cfg, num_blocks=64, eos_token_ids=())
+    for n in (5, 9, 3):
+        sched.add(list(range(1, n + 1)), SamplingParams(max_tokens=4, ignore_eos=True), watch=False)
+    step = sched.schedule()
+    sched.update(np.zeros(step.info.num_samples, dtype=np.int32))
+    step = sched.schedule()
+    assert step.info.is_decode and step.info.num_rows == 3
+    real = {k: getattr(step, k).clone() for k in ("input_ids", "positions", "slot_mapping", "context_lens")}
+    padded = sched.pad_decode(step, 8)
+    assert padded.input_ids.shape == (8,) and padded.block_tables.shape[0] == 8
+    for k, v in real.items():
+        assert torch.equal(getattr(padded, k)[:3], v)  # the real rows are untouched
+    assert padded.slot_mapping[3:].eq(-1).all() and padded.context_lens[3:].eq(0).all()
+    assert padded.input_ids[3:].eq(0).all() and padded.positions[3:].eq(0).all()
+    assert padded.query_start_loc.tolist() == list(range(9))
+    assert torch.equal(padded.logits_indices, step.logits_indices)
+    empty = sched.padding_step(4)
+    assert empty.slot_mapping.eq(-1).all() and empty.context_lens.eq(0).all() and empty.info.is_decode

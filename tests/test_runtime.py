@@ -546,3 +546,15 @@ def test_progress_bar_for_many_prompts_only(engine_factory, capfd):
 
     engine.generate(prompt_token_ids=[[1, 2], [3, 4, 5]], sampling_params=params, use_tqdm=False)
     assert "generating" not in capfd.readouterr().err
+
+
+def test_step_reports_what_a_generate_call_advanced(engine_factory):
+    """A served request that a generate() call carried to its end is reported by the next step(), once."""
+    engine, hf = engine_factory("hd64")
+    rid = engine.add_request(prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=4, **GREEDY))
+    engine.generate(prompt_token_ids=[[4, 5, 6]], sampling_params=SamplingParams(max_tokens=12, **GREEDY))
+    assert not engine.has_unfinished_requests()
+    outs = engine.step()
+    assert [o.request_id for o in outs] == [rid] and outs[0].finished
+    assert outs[0].outputs[0].token_ids == hf_greedy(hf, [1, 2, 3], 4)
+    assert engine.step() == []
