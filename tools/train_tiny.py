@@ -10,7 +10,8 @@ tokenizer is a byte-level BPE trained here, then given CodeGen's
 `<|endoftext|>` and its 38 whitespace tokens (runs of 31 to 2 spaces, 9 to 2
 tabs). Every machine with Python has the data: the `.py` files of the
 standard library (files over 400 KB, which are data tables, are left out);
-one file in twenty, chosen by a hash of its path, is held out.
+one file in twenty, chosen by a hash of its path, is held out. Training draws
+windows of 256 tokens at random offsets, a quarter of them at a file's start.
 
 `train` prints training and held-out loss as it goes and writes a standard
 checkpoint directory (config.json, model.safetensors in float16,
@@ -43,6 +44,7 @@ WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in ran
 EOS = "<|endoftext|>"
 BPE_VOCAB = 2560
 MAX_FILE_BYTES = 400_000
+FILE_START_FRACTION = 0.25
 ARCH = dict(n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_positions=1024)
 
 
@@ -97,8 +99,19 @@ def encode(tk, texts: list[str]) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def windows(ids: np.ndarray, context: int, count: int, rng: np.random.Generator) -> torch.Tensor:
+def windows(
+    ids: np.ndarray, context: int, count: int, rng: np.random.Generator, file_starts: np.ndarray | None = None
+) -> torch.Tensor:
+    """`count` windows of context + 1 ids at random offsets; with `file_starts`, a quarter begin at a file's start.
+
+    A prompt sits at position 0 with nothing before it, which windows cut mid-file never show: without
+    file-start windows the model cannot tell a top-level `def` from a method's and indents its body at
+    random.
+    """
     starts = rng.integers(0, len(ids) - context - 1, size=count)
+    if file_starts is not None:
+        aligned = rng.random(count) < FILE_START_FRACTION
+        starts[aligned] = rng.choice(file_starts[file_starts < len(ids) - context - 1], size=int(aligned.sum()))
     return torch.from_numpy(np.stack([ids[s : s + context + 1] for s in starts]))
 
 
@@ -129,7 +142,9 @@ def mean_loss(model, batch: torch.Tensor, bf16: bool = True, chunk: int = 32) ->
         x = batch[i : i + chunk]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x[:, :-1]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += x[:, 1:].numel()
     model.train()
@@ -164,6 +179,7 @@ def train(args: argparse.Namespace) -> None:
         betas=(0.9, 0.95),
     )
     held_batch = windows(held_ids, args.context, args.eval_windows, np.random.default_rng(1))
+    file_starts = np.concatenate([[0], np.flatnonzero(train_ids == eos) + 1])
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -177,7 +193,7 @@ def train(args: argparse.Namespace) -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        x = windows(train_ids, args.context, args.batch, rng)
+        x = windows(train_ids, args.context, args.batch, rng, file_starts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -195,7 +211,9 @@ def train(args: argparse.Namespace) -> None:
                 f"{tokens / elapsed:,.0f} tokens/s  {elapsed / 60:.1f} min",
                 flush=True,
             )
-            log.append({"step": step + 1, "tokens": tokens, "train_loss": round(smooth, 4), "held_out_loss": round(held, 4)})
+            log.append(
+                {"step": step + 1, "tokens": tokens, "train_loss": round(smooth, 4), "held_out_loss": round(held, 4)}
+            )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +262,8 @@ def train(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- evaluation
 
-# CodeGen's own truncation of a completion: its terminal patterns, and a second top-level def or print.
+# CodeGen's truncation of a function's completion: its terminal patterns, and a top-level def or print after
+# the header (the function has ended).
 STOP_PATTERNS = (r"^#", re.escape(EOS), r"^'''", r'^"""', r"\n\n\n", r"^def", r"^print")
 
 
@@ -288,18 +307,21 @@ def evaluate(args: argparse.Namespace) -> None:
     prompts = function_headers(held_files, args.functions)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop_patterns=STOP_PATTERNS)
     outs = engine.generate(prompts, params, use_tqdm=False)
-    parsed = 0
+    parsed = parsed_stopped = stopped = 0
     for prompt, out in zip(prompts, outs):
+        ended = out.outputs[0].finish_reason == "stop"
+        stopped += ended
         try:
             ast.parse(prompt + out.outputs[0].text)
             parsed += 1
+            parsed_stopped += ended
         except SyntaxError:
             pass
-    stopped = sum(o.outputs[0].finish_reason == "stop" for o in outs)
     rate = parsed / len(prompts)
     print(
-        f"greedy completions of {len(prompts)} held-out function headers: {rate:.1%} parse with ast "
-        f"({stopped} ended at a stop pattern, {len(prompts) - stopped} at max_tokens={args.max_tokens})",
+        f"greedy completions of {len(prompts)} held-out function headers: {rate:.1%} parse with ast; "
+        f"{stopped} ended at a stop pattern ({parsed_stopped} of them parse), "
+        f"{len(prompts) - stopped} at max_tokens={args.max_tokens}",
         flush=True,
     )
     result = {
@@ -310,6 +332,7 @@ def evaluate(args: argparse.Namespace) -> None:
         "functions": len(prompts),
         "parse_rate": round(rate, 4),
         "stopped_at_pattern": stopped,
+        "stopped_and_parse": parsed_stopped,
         "max_tokens": args.max_tokens,
         "stop_patterns": list(STOP_PATTERNS),
     }
@@ -320,7 +343,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
