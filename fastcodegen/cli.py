@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 from . import convert as convert_mod
+from .registry import DEFAULT_MODEL
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -19,7 +20,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .hub import ModelNotFoundError
     from .sampling_params import CODEGEN_STOP_PATTERNS, SamplingParams
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if len(args.args) > 2:
+        print("error: generate takes [MODEL] PROMPT", file=sys.stderr)
+        return 2
+    model, prompt = args.args if len(args.args) == 2 else (DEFAULT_MODEL, args.args[0])
+    prompt = sys.stdin.read() if prompt == "-" else prompt
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens,
@@ -31,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
             stop_patterns=None if args.no_codegen_stops else list(CODEGEN_STOP_PATTERNS),
         )
         engine = Engine(
-            args.model,
+            model,
             device=args.device,
             dtype=args.dtype,
             backend=args.backend,
@@ -63,9 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcodegen", description="A fast inference engine for CodeGen models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="stream a completion of a prompt")
-    g.add_argument("model", help="an official name (codegen-350M-mono ...), a Hugging Face repo id, or a directory")
-    g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    g = sub.add_parser(
+        "generate",
+        help="stream a completion of a prompt",
+        usage="fastcodegen generate [MODEL] PROMPT [options]",
+        description="Streams a completion of PROMPT (or of standard input, with -) from MODEL: an official name "
+        f"(codegen-350M-mono ...), a Hugging Face repo id, a directory, or by default {DEFAULT_MODEL}, the small "
+        "model shipped with fastcodegen.",
+    )
+    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as CodeGen's sampler)")
     g.add_argument("--top-p", type=float, default=0.95)

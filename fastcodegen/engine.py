@@ -191,7 +191,7 @@ class Engine:
             name = registry.official_name(model)
             if name is not None:
                 return registry.MODELS[name], None
-            path = Path(model).expanduser()
+            path = registry.bundled_path(model) or Path(model).expanduser()
             if is_converted(path):
                 return read_converted_config(path)[0], None
             if (path / "config.json").is_file():

@@ -3,6 +3,7 @@
 `locate(model)` turns what a user passed to `Engine` into a directory on disk:
 
 * a path to a directory (a transformers checkpoint or a converted one);
+* the name of a checkpoint shipped with the package (`codegen-tiny-py`);
 * an official name (`codegen-2B-mono`, with or without `Salesforce/`) or any
   Hugging Face repo id (`org/name`): looked up in the local Hugging Face cache
   (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), then
@@ -70,10 +71,13 @@ def locate(model: str, revision: Optional[str] = None, download: bool = True) ->
     local = Path(model).expanduser()
     if local.is_dir():
         return local
+    bundled = registry.bundled_path(model)
+    if bundled is not None:
+        return bundled
     if model.startswith(("/", "./", "../", "~")) or local.exists():
         raise ModelNotFoundError(f"model {model!r}: no such directory")
     if repo_id_for(model) is None:
-        known = ", ".join(registry.MODELS)
+        known = ", ".join([*registry.BUNDLED, *registry.MODELS])
         raise ModelNotFoundError(
             f"model {model!r} is neither a directory, nor an official CodeGen name ({known}), "
             "nor a Hugging Face repo id of the form 'org/name'"

@@ -1,5 +1,9 @@
 """The official CodeGen checkpoints, known by name without a network.
 
+Also `codegen-tiny-py`, a small CodeGen trained on the Python standard library
+and shipped with the package (`tools/train_tiny.py` made it): a demo and a
+test fixture that runs anywhere, offline.
+
 Twelve checkpoints, `Salesforce/codegen-{350M,2B,6B,16B}-{nl,multi,mono}`, in
 four sizes; the three variants of a size share one architecture. A name here
 resolves offline, and `load_format="dummy"` builds its real shapes from this
@@ -8,6 +12,7 @@ table alone. A real load reads the checkpoint's own `config.json`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
@@ -25,6 +30,17 @@ _VARIANTS = ("nl", "multi", "mono")
 MODELS: dict[str, ModelConfig] = {
     f"codegen-{size}-{variant}": config for size, config in _SIZES.items() for variant in _VARIANTS
 }
+
+
+# Checkpoints shipped inside the package: found by name, offline, on any machine.
+BUNDLED_DIR = Path(__file__).parent / "data"
+BUNDLED = ("codegen-tiny-py",)
+DEFAULT_MODEL = "codegen-tiny-py"
+
+
+def bundled_path(model: str) -> Optional[Path]:
+    """The directory of a bundled checkpoint named `model`, or None."""
+    return BUNDLED_DIR / model if model in BUNDLED and (BUNDLED_DIR / model / "config.json").is_file() else None
 
 
 def official_name(model: str) -> Optional[str]:

@@ -267,7 +267,7 @@ def train(args: argparse.Namespace) -> None:
 STOP_PATTERNS = (r"^#", re.escape(EOS), r"^'''", r'^"""', r"\n\n\n", r"^def", r"^print")
 
 
-def function_headers(files: list[Path], limit: int) -> list[str]:
+def function_headers(files: list[Path], limit: int, seed: int = 0) -> list[str]:
     """Top-level function headers of held-out files (the `def` line(s) through the colon), with a newline."""
     prompts = []
     for path in files:
@@ -282,8 +282,7 @@ def function_headers(files: list[Path], limit: int) -> list[str]:
                 header = "".join(lines[node.lineno - 1 : node.body[0].lineno - 1])
                 if header.rstrip().endswith(":") and '"""' not in header and "'''" not in header:
                     prompts.append(header.rstrip() + "\n")
-    rng = np.random.default_rng(0)
-    rng.shuffle(prompts)
+    np.random.default_rng(seed).shuffle(prompts)
     return prompts[:limit]
 
 
