@@ -15,39 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+from common import commit, device_name, sync
 
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.config import parse_device, parse_dtype
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _time(run, new_tokens: int, repeats: int, device: torch.device) -> dict:
@@ -55,13 +29,13 @@ def _time(run, new_tokens: int, repeats: int, device: torch.device) -> dict:
     run(1)  # warm-up
     ttft, total = [], []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         run(1)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         run(new_tokens)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         ttft.append(t1 - t0)
         total.append(t2 - t1)
@@ -81,16 +55,7 @@ def time_transformers(engine: Engine, prompts: list[list[int]], new_tokens: int,
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
     c, device = engine.model_config, engine.config.device
-    config = CodeGenConfig(
-        vocab_size=c.vocab_size,
-        n_positions=c.n_positions,
-        n_ctx=c.n_positions,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        rotary_dim=c.rotary_dim,
-        n_inner=c.n_inner,
-    )
+    config = CodeGenConfig(**c.to_hf_config())
     with torch.device(device):
         model = CodeGenForCausalLM(config).to(engine.config.dtype).eval()
     ids = torch.tensor(prompts, device=device)
@@ -138,7 +103,7 @@ def main() -> None:
     theirs = None if args.no_baseline else time_transformers(engine, prompts, args.new_tokens, args.repeats)
 
     print(
-        f"{args.model} ({args.load_format}) on {_device_name(device)}, {str(dtype).removeprefix('torch.')}, "
+        f"{args.model} ({args.load_format}) on {device_name(device)}, {str(dtype).removeprefix('torch.')}, "
         f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"
     )
     print(f"{'':24}{'fastcodegen':>14}{'transformers':>14}{'ratio':>8}" + (f"{'no graphs':>12}" if eager else ""))
@@ -151,8 +116,8 @@ def main() -> None:
     record = {
         "benchmark": "bench_generate",
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
-        "device": _device_name(device),
+        "commit": commit(),
+        "device": device_name(device),
         "torch": torch.__version__,
         "model": args.model,
         "load_format": args.load_format,

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,18 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import commit
 
 VOCAB = 51200  # rows of the real embedding
 TOKENIZER_SIZE = 50295  # ids of the real tokenizer
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _tiny_checkpoint(path: Path, context: int, seed: int) -> None:
@@ -185,7 +176,7 @@ def main() -> None:
             {
                 "benchmark": "bench_host_overhead",
                 "date": datetime.date.today().isoformat(),
-                "commit": _commit(),
+                "commit": commit(),
                 "cpu": platform.processor() or platform.machine(),
                 "python": sys.version.split()[0],
                 "torch": torch.__version__,

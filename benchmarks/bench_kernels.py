@@ -48,7 +48,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from common import commit
 
 from fastcodegen.config import ModelConfig
 from fastcodegen.models.torch_ops import rotary_tables
@@ -535,15 +535,6 @@ BASELINES = {
 }
 
 
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        return done.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _size(name: str) -> str:
     """'350M', 'codegen-350M-mono' or 'Salesforce/codegen-350M-mono' -> '350M'."""
     stem = name.removeprefix("Salesforce/").removeprefix("codegen-").split("-")[0]
@@ -618,7 +609,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     record = {
         "benchmark": "bench_kernels",
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": commit(),
         "device": props.name,
         "num_sms": props.multi_processor_count,
         "torch": torch.__version__,

@@ -105,6 +105,25 @@ class ModelConfig:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers `config.json` fields of this architecture (the inverse of `from_hf_config`)."""
+        return {
+            "model_type": "codegen",
+            "architectures": ["CodeGenForCausalLM"],
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "n_head": self.n_head,
+            "rotary_dim": self.rotary_dim,
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation_function,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids) or None,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)

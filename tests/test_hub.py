@@ -63,6 +63,21 @@ def test_official_name():
         assert registry.official_name(other) is None
 
 
+def test_to_hf_config_is_what_transformers_reads(checkpoint):
+    """A checkpoint's config.json -> ModelConfig -> to_hf_config() -> transformers' CodeGenConfig: the same model."""
+    from transformers import CodeGenConfig
+
+    path, _ = checkpoint("hd80")
+    written = json.loads((path / "config.json").read_text())
+    ours = fastcodegen.config.ModelConfig.from_hf_config(written)
+    theirs = CodeGenConfig(**ours.to_hf_config())
+    for key in ("n_layer", "n_embd", "n_head", "rotary_dim", "vocab_size", "n_positions", "layer_norm_epsilon"):
+        assert getattr(theirs, key) == written[key], key
+    assert (theirs.n_inner or 4 * theirs.n_embd) == (written.get("n_inner") or 4 * written["n_embd"])
+    assert theirs.eos_token_id == written["eos_token_id"] and theirs.activation_function == "gelu_new"
+    assert fastcodegen.config.ModelConfig.from_hf_config(ours.to_hf_config()) == ours
+
+
 # --------------------------------------------------------------------------- dummy weights
 
 
