@@ -42,8 +42,8 @@ import torch
 from common import ROOT, environment, sync
 
 from fastcodegen import Engine, SamplingParams
-from fastcodegen.config import ModelConfig
-from fastcodegen.registry import MODELS
+from fastcodegen.config import ModelConfig, read_checkpoint_config
+from fastcodegen.registry import MODELS, bundled_path
 
 
 @dataclass
@@ -116,9 +116,7 @@ def cpu_plan() -> Plan:
 def model_config(name: str) -> ModelConfig:
     if name in MODELS:
         return MODELS[name]
-    from fastcodegen.registry import bundled_path
-
-    return ModelConfig.from_hf_config(json.loads((bundled_path(name) / "config.json").read_text()))
+    return read_checkpoint_config(bundled_path(name))[1]
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:

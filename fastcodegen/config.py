@@ -9,7 +9,9 @@ of official checkpoints in `registry.py`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -138,6 +140,15 @@ class ModelConfig:
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
+
+
+def read_checkpoint_config(directory: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """A transformers checkpoint directory's config.json: the dict as written, and the architecture it describes."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json; not a transformers checkpoint directory")
+    hf = json.loads(config_file.read_text())
+    return hf, ModelConfig.from_hf_config(hf, source=str(config_file))
 
 
 _DTYPES = {

@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors import safe_open
 
-from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype
+from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype, read_checkpoint_config
 from .tokenizer import TOKENIZER_FILES
 from .weights import CONFIG_FILE, WEIGHTS_FILE, converted_metadata, is_converted, read_converted_config, tensor_shapes
 
@@ -62,11 +62,7 @@ class SourceCheckpoint:
 
     def __init__(self, path: Path):
         self.path = path
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path}: no config.json; not a transformers checkpoint directory")
-        self.hf_config: dict[str, Any] = json.loads(config_file.read_text())
-        self.config = ModelConfig.from_hf_config(self.hf_config, source=str(config_file))
+        self.hf_config, self.config = read_checkpoint_config(path)
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._opened: dict[Path, Any] = {}
         self.format = self._index()

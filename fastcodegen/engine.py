@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import logging
 import operator
 import os
@@ -23,7 +22,7 @@ from typing import Sequence as Seq
 import torch
 
 from . import hub, registry
-from .config import EngineConfig, ModelConfig, parse_device, parse_dtype
+from .config import EngineConfig, ModelConfig, parse_device, parse_dtype, read_checkpoint_config
 from .cuda_graphs import CudaGraphs, default_buckets
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -195,8 +194,7 @@ class Engine:
             if is_converted(path):
                 return read_converted_config(path)[0], None
             if (path / "config.json").is_file():
-                config_file = path / "config.json"
-                return ModelConfig.from_hf_config(json.loads(config_file.read_text()), str(config_file)), None
+                return read_checkpoint_config(path)[1], None
             raise ValueError(
                 f"load_format='dummy' needs an official model name or a checkpoint directory with a config, got {model!r}"
             )

@@ -230,22 +230,32 @@ def checkpoint(tmp_path_factory, tokenizer_dir) -> CheckpointFactory:
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"), tokenizer_dir)
 
 
-def hf_suppress_ids(model) -> list[int]:
+def hf_suppress_ids(model, tokenizer_size: int = TOKENIZER_SIZE) -> list[int]:
     """Ids transformers may pick that the engine never samples: beyond the tokenizer."""
-    return list(range(TOKENIZER_SIZE, model.config.vocab_size))
+    return list(range(tokenizer_size, model.config.vocab_size))
 
 
-def hf_greedy(model, prompt: list[int], max_new_tokens: int, dtype=torch.float32) -> list[int]:
-    """transformers' greedy continuation of one prompt (no padding), never picking ids beyond the tokenizer."""
+def hf_greedy(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    dtype=torch.float32,
+    tokenizer_size: int = TOKENIZER_SIZE,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """transformers' greedy continuation of one prompt (no padding), never picking ids beyond the tokenizer.
+
+    With `eos_token_id`, it ends after that token, as the engine does without ignore_eos.
+    """
     m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     out = m.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=None,
+        eos_token_id=eos_token_id,
         pad_token_id=0,
-        suppress_tokens=hf_suppress_ids(model),
+        suppress_tokens=hf_suppress_ids(model, tokenizer_size),
     )
     return out[0, len(prompt) :].tolist()
 

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer, CodeGenForCausalLM
 from transformers.models.codegen.tokenization_codegen import CodeGenTokenizer
 
-from conftest import KERNEL_DEVICE, stdlib_sources
+from conftest import KERNEL_DEVICE, hf_greedy, stdlib_sources
 from fastcodegen import CODEGEN_STOP_PATTERNS, Engine, SamplingParams
 from fastcodegen.registry import bundled_path
 from fastcodegen.tokenizer import Tokenizer
@@ -44,19 +43,7 @@ def tiny():
 
 
 def _hf_greedy(hf, tok, prompt: str, n: int) -> list[int]:
-    ids = tok(prompt)["input_ids"]
-    size = len(tok)
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-            suppress_tokens=list(range(size, hf.config.vocab_size)),  # ids past the tokenizer are never sampled
-        )
-    return out[0, len(ids) :].tolist()
+    return hf_greedy(hf, tok(prompt)["input_ids"], n, tokenizer_size=len(tok), eos_token_id=tok.eos_token_id)
 
 
 def test_found_by_name_offline():

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import re
-import subprocess
 import sys
 import sysconfig
 import time
@@ -39,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from common import commit  # noqa: E402  (what every record of a run names: the commit, '+dirty' if changed)
 
 WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 EOS = "<|endoftext|>"
@@ -238,7 +240,7 @@ def train(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "date": datetime.date.today().isoformat(),
-                "commit": _commit(),
+                "commit": commit(),
                 "python": sys.version.split()[0],
                 "torch": torch.__version__,
                 "threads": args.threads,
@@ -325,7 +327,7 @@ def evaluate(args: argparse.Namespace) -> None:
     )
     result = {
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": commit(),
         "held_out_loss": round(held, 4),
         "held_out_tokens": int(len(held_ids)),
         "functions": len(prompts),
@@ -338,16 +340,6 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.write:
         (ckpt / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:
