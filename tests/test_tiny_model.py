@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,15 +79,20 @@ def test_stop_patterns_cut_real_completions_like_codegen(tiny, fresh_seed):
     """Completions of real function headers, cut as CodeGen's truncate_before_pattern cuts prompt + completion."""
     hf, tok = tiny
     engine = Engine("codegen-tiny-py", device="cpu", dtype="float32", backend="torch", progress=False)
-    prompts = function_headers(stdlib_sources()[40:160], 6, fresh_seed)
+    # Fresh headers, and one this model's greedy completion is known to end at a pattern: about a
+    # third of completions reach one within 128 tokens, so six random headers alone miss now and then.
+    prompts = ["def read_file(path):\n"] + function_headers(stdlib_sources()[40:160], 6, fresh_seed)
     # truncate() cuts at the second top-level def of prompt + completion: the header is the first, so
-    # in the completion alone it is the first, which a stop pattern expresses.
-    patterns = list(CODEGEN_STOP_PATTERNS) + ["^def"]
+    # in the completion alone it is the first, which a stop pattern expresses. It also cuts at the
+    # second top-level print, which no pattern on the completion can express (the header has none), so
+    # both sides cut at the first: a terminal ^print for truncate, a stop pattern for the engine.
+    patterns = list(CODEGEN_STOP_PATTERNS) + ["^def", "^print"]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=128, stop_patterns=patterns))
     stopped = 0
     for prompt, out in zip(prompts, outs):
+        assert not re.search("^print", prompt, re.MULTILINE)
         full = prompt + tok.decode(_hf_greedy(hf, tok, prompt, 128), skip_special_tokens=False)
-        expected = CodeGenTokenizer.truncate(None, full, list(CODEGEN_STOP_PATTERNS))
+        expected = CodeGenTokenizer.truncate(None, full, list(CODEGEN_STOP_PATTERNS) + ["^print"])
         assert expected.startswith(prompt)
         assert out.outputs[0].text == expected[len(prompt) :], prompt
         stopped += out.outputs[0].finish_reason == "stop"
