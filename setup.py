@@ -21,8 +21,8 @@ ext_modules = [
 setup(
     packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels"],
     package_dir={"fastcodegen.kernels": "kernels"},
-    # codegen-tiny-py, the checkpoint shipped with the package
-    package_data={"fastcodegen": ["data/codegen-tiny-py/*"]},
+    # codegen-tiny-py, the checkpoint shipped with the package, and CodeGen's tokenizer
+    package_data={"fastcodegen": ["data/codegen-tiny-py/*", "data/codegen-tokenizer/*"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -49,5 +49,26 @@ def official_name(model: str) -> Optional[str]:
     return name if name in MODELS else None
 
 
+# CodeGen's own tokenizer (GPT-2's byte-level BPE plus 38 whitespace runs), shared by
+# all twelve official checkpoints; `tools/build_codegen_tokenizer.py` wrote it.
+CODEGEN_TOKENIZER_DIR = BUNDLED_DIR / "codegen-tokenizer"
+
+
+def codegen_tokenizer_dir() -> Path:
+    """The directory of CodeGen's tokenizer shipped with the package (`tokenizer.json`)."""
+    return CODEGEN_TOKENIZER_DIR
+
+
+def bundled_tokenizer(model: str) -> Optional[Path]:
+    """The shipped tokenizer directory for an official name (with or without 'Salesforce/'), else None.
+
+    The official checkpoints all use one tokenizer, so a name alone gives text in and out offline:
+    with `load_format="dummy"`, or when a checkpoint directory lacks its tokenizer files.
+    """
+    if official_name(model) is None or not (CODEGEN_TOKENIZER_DIR / "tokenizer.json").is_file():
+        return None
+    return CODEGEN_TOKENIZER_DIR
+
+
 def repo_id(name: str) -> str:
     return f"{HF_ORG}/{name}"
