@@ -142,12 +142,34 @@ class ModelConfig:
         return cls(**d)
 
 
+def read_json_file(file: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `file`.
+
+    A file that is not one (truncated, damaged, not UTF-8, or holding another
+    JSON value) raises ValueError naming the file and saying what is wrong,
+    followed by `fix`, how to repair it.
+    """
+    try:
+        obj = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e}); the file is damaged; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the file is truncated or damaged; {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
 def read_checkpoint_config(directory: Path) -> tuple[dict[str, Any], ModelConfig]:
-    """A transformers checkpoint directory's config.json: the dict as written, and the architecture it describes."""
+    """A transformers checkpoint directory's config.json: the dict as written, and the architecture it describes.
+
+    A missing config.json raises FileNotFoundError; an unreadable one (truncated,
+    not JSON) or one that does not describe CodeGen raises ValueError naming it.
+    """
     config_file = Path(directory) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json; not a transformers checkpoint directory")
-    hf = json.loads(config_file.read_text())
+    hf = read_json_file(config_file, "download the checkpoint again or restore its config.json")
     return hf, ModelConfig.from_hf_config(hf, source=str(config_file))
 
 

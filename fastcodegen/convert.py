@@ -23,35 +23,90 @@ Two things happen to the weights besides fusing them:
 
 The conversion streams: the output header is computed from the config first,
 then one layer at a time is read (memory-mapped), fused and written, so a 16B
-checkpoint never has two copies in memory. It writes into a temporary
-directory renamed into place at the end, so a failure leaves nothing behind
-that looks valid.
+checkpoint never has two copies in memory. Every byte written is hashed on its
+way to the disk: `fastcodegen.json` records each file's size and sha256, which
+`weights.verify_converted` checks when the checkpoint is loaded (and
+`fastcodegen convert --verify DIR` on demand).
+
+It writes into a temporary directory, `.<DST name>.partial-XXXX` next to DST,
+renamed into place at the end, so a failure leaves nothing behind that looks
+valid. The converting process holds an exclusive `flock` on a lock file inside
+that directory for the whole conversion. A process killed outright (SIGKILL,
+power loss) cannot remove its directory, but its lock dies with it: the next
+conversion into the same DST (and every use of the engine's cache entry)
+removes the partial directories whose lock it can take, never one that a live
+process holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
 
-from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype, read_checkpoint_config
+from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype, read_checkpoint_config, read_json_file
 from .tokenizer import TOKENIZER_FILES
-from .weights import CONFIG_FILE, WEIGHTS_FILE, converted_metadata, is_converted, read_converted_config, tensor_shapes
+from .weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    DamagedCheckpointError,
+    converted_metadata,
+    is_converted,
+    tensor_shapes,
+    verify_converted,
+)
+
+logger = logging.getLogger("fastcodegen")
 
 # Buffers some transformers versions saved with the weights; not parameters.
 _IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(causal_mask|masked_bias|bias|embed_positions)$")
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+# safetensors' dtype codes, by torch's names, for the error naming a source tensor's dtype.
+_SAFETENSORS_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+}
+# Source weights the conversion can cast without losing their meaning.
+_SOURCE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+# The temporary directory of a conversion into DST is `.<DST name>` + this + a random suffix.
+PARTIAL_INFIX = ".partial-"
+# Inside it, the file its converting process holds an exclusive flock on.
+LOCK_FILE = ".fastcodegen-convert.lock"
+# A partial directory without a lock file (an older fastcodegen's, or one killed
+# between creating the directory and its lock) is removed once nothing in it
+# has changed for this long.
+UNLOCKED_PARTIAL_AGE_S = 3600.0
+_COPY_CHUNK_BYTES = 16 << 20
 
 
 # --------------------------------------------------------------------------- source
@@ -74,7 +129,7 @@ class SourceCheckpoint:
             ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
         ):
             if (p / index).is_file():
-                weight_map = json.loads((p / index).read_text()).get("weight_map")
+                weight_map = read_json_file(p / index, "download the checkpoint again").get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"{p / index}: no weight_map")
                 for name, file in weight_map.items():
@@ -114,6 +169,14 @@ class SourceCheckpoint:
 
     def dtype(self) -> torch.dtype:
         return self.get("transformer.h.0.attn.qkv_proj.weight").dtype
+
+    def dtype_name(self, name: str) -> str:
+        """A tensor's dtype as torch names it ('float16', 'int64', ...), read without loading the tensor."""
+        f = self._open(self._files[name])
+        if self.format == "safetensors":
+            code = f.get_slice(name).get_dtype()
+            return _SAFETENSORS_DTYPE_NAMES.get(code, code)
+        return dtype_name(f[name].dtype)
 
     def close(self) -> None:
         self._opened.clear()
@@ -161,7 +224,12 @@ def expected_source_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_source(src: SourceCheckpoint) -> None:
-    """Every tensor present with its shape, nothing unknown; raises naming the first bad tensor."""
+    """Every tensor present with its shape and a floating dtype, nothing unknown; raises naming the first bad tensor.
+
+    Integer, bool and complex tensors (a quantized or damaged checkpoint)
+    raise ValueError naming the tensor and its dtype: cast to floats they
+    would convert into garbage.
+    """
     expected = expected_source_shapes(src.config)
     present = set(src.names())
     for name, shape in expected.items():
@@ -172,6 +240,12 @@ def check_source(src: SourceCheckpoint) -> None:
             raise ValueError(
                 f"{src.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
                 f"for n_embd={src.config.n_embd}, n_inner={src.config.n_inner}, vocab_size={src.config.vocab_size}"
+            )
+        dt = src.dtype_name(name)
+        if dt not in _SOURCE_DTYPES:
+            raise ValueError(
+                f"{src.path}: tensor {name!r} has dtype {dt}; CodeGen weights are floating point "
+                "(float32, float16 or bfloat16): is this a quantized or damaged checkpoint?"
             )
     unknown = sorted(n for n in present - set(expected) if not _IGNORED.match(n))
     if unknown:
@@ -242,7 +316,11 @@ def _converted_tensors(src: SourceCheckpoint, dtype: torch.dtype):
 
 
 class _StreamingSafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, its header computed up front."""
+    """Writes a safetensors file tensor by tensor, its header computed up front.
+
+    `size` and `sha256` describe the bytes written so far: hashed as they are
+    written, so no one reads the file back to checksum it.
+    """
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, metadata: dict[str, str]):
         element = torch.empty((), dtype=dtype).element_size()
@@ -260,15 +338,26 @@ class _StreamingSafetensorsWriter:
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
         self._order = iter(shapes.items())
         self._dtype = dtype
+        self._hash = hashlib.sha256()
+        self.size = 0
         self._file = open(path, "wb")
-        self._file.write(len(blob).to_bytes(8, "little"))
-        self._file.write(blob)
+        self._put(len(blob).to_bytes(8, "little"))
+        self._put(blob)
+
+    def _put(self, data: "bytes | memoryview") -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want, shape = next(self._order, (None, None))
         if name != want or tuple(tensor.shape) != shape or tensor.dtype != self._dtype:
             raise AssertionError(f"writer expected {want} {shape}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._put(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def close(self) -> None:
         if next(self._order, None) is not None:
@@ -296,8 +385,14 @@ def convert(
 
     `dtype` is the stored precision: 'auto' keeps the source's, or 'float32',
     'float16', 'bfloat16'. Raises ValueError naming the tensor when one is
-    missing or misshapen, and when the checkpoint is not CodeGen. Returns
-    `dst_dir`.
+    missing, misshapen or not floating point, and naming the file when a
+    config is unreadable or the checkpoint is not CodeGen. Returns `dst_dir`.
+
+    The files are written into a locked temporary directory next to
+    `dst_dir` and renamed into place at the end; `fastcodegen.json` records
+    each file's size and sha256. Temporary directories that earlier
+    conversions into `dst_dir` left behind when they were killed are removed
+    first (`remove_stale_partials`).
     """
     src_dir, dst_dir = Path(src_dir).expanduser(), Path(dst_dir).expanduser()
     if dst_dir.exists() and any(dst_dir.iterdir()) and not overwrite:
@@ -309,27 +404,130 @@ def convert(
         if out_dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{src_dir}: weights are {out_dtype}; pass dtype= to convert them")
         dst_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.partial-", dir=dst_dir.parent))
-        try:
+        remove_stale_partials(dst_dir)
+        with _locked_partial_dir(dst_dir) as tmp:
             _write(src, tmp, out_dtype, progress)
+            # Unlocked now, yet freshly changed: other processes leave it alone until the rename.
+            (tmp / LOCK_FILE).unlink()
+            _fsync_dir(tmp)
             if dst_dir.exists():
                 shutil.rmtree(dst_dir)
             os.replace(tmp, dst_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _fsync_dir(dst_dir.parent)
     finally:
         src.close()
     return dst_dir
+
+
+@contextlib.contextmanager
+def _locked_partial_dir(dst_dir: Path) -> Iterator[Path]:
+    """A new temporary directory next to `dst_dir`, exclusively flocked while in use, removed on failure."""
+    tmp = _new_partial_dir(dst_dir)
+    try:
+        fd = os.open(tmp / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a file nobody else has opened yet: never waits
+        except OSError as e:
+            # A filesystem without locks: cleaners cannot lock it either, so they leave it alone.
+            logger.info("cannot lock %s (%s): if this conversion is killed, remove it by hand", tmp, e)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _new_partial_dir(dst_dir: Path) -> Path:
+    # Not tempfile.mkdtemp: its mode 0700 would stay on the converted directory after the rename.
+    while True:
+        tmp = dst_dir.parent / f".{dst_dir.name}{PARTIAL_INFIX}{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def remove_stale_partials(dst_dir: "str | Path") -> list[Path]:
+    """Removes the temporary directories of dead conversions into `dst_dir`; returns those removed.
+
+    A partial directory (`.<name>.partial-*` beside `dst_dir`) is removed when
+    its lock file can be locked without waiting, that is when no process holds
+    it: its conversion was killed. One without a lock file is removed only when
+    nothing in it has changed for `UNLOCKED_PARTIAL_AGE_S`. Directories of
+    live conversions, and anything else, are left alone.
+    """
+    dst_dir = Path(dst_dir).expanduser()
+    prefix = f".{dst_dir.name}{PARTIAL_INFIX}"
+    try:
+        candidates = [p for p in dst_dir.parent.iterdir() if p.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for partial in candidates:
+        if not partial.is_symlink() and partial.is_dir() and _remove_if_abandoned(partial):
+            logger.info("removed %s, left behind by an interrupted conversion", partial)
+            removed.append(partial)
+    return removed
+
+
+def _remove_if_abandoned(partial: Path) -> bool:
+    try:
+        fd = os.open(partial / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            idle = time.time() - _last_change(partial)
+        except FileNotFoundError:
+            return False  # renamed into place, or removed, meanwhile
+        if idle < UNLOCKED_PARTIAL_AGE_S:
+            return False
+        shutil.rmtree(partial, ignore_errors=True)
+        return not partial.exists()
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held: its conversion is alive
+        # Removed while holding the lock, so no other cleaner works on it at the same time.
+        shutil.rmtree(partial, ignore_errors=True)
+        return not partial.exists()
+    finally:
+        os.close(fd)
+
+
+def _last_change(directory: Path) -> float:
+    """The newest mtime of a directory and the files in it (a partial directory is flat)."""
+    newest = directory.stat().st_mtime
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the directory's entries (new files, a rename) survive a power loss.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write(src: SourceCheckpoint, out: Path, dtype: torch.dtype, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     shapes = tensor_shapes(src.config)
-    meta = converted_metadata(
-        src.config, dtype, {"path": str(src.path), "format": src.format, "hf_config": src.hf_config}
-    )
     writer = _StreamingSafetensorsWriter(out / WEIGHTS_FILE, shapes, dtype, {"format": "pt", "fastcodegen": "1"})
     total = sum(_numel(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.path.name}", disable=not progress) as bar:
@@ -337,11 +535,31 @@ def _write(src: SourceCheckpoint, out: Path, dtype: torch.dtype, progress: bool)
             writer.write(name, tensor)
             bar.update(tensor.numel() * tensor.element_size())
     writer.close()
+    files = {WEIGHTS_FILE: {"size": writer.size, "sha256": writer.sha256}}
     for name in TOKENIZER_FILES:
         if (src.path / name).is_file():
-            shutil.copyfile(src.path / name, out / name)
+            files[name] = _copy_hashed(src.path / name, out / name)
+    meta = converted_metadata(
+        src.config, dtype, {"path": str(src.path), "format": src.format, "hf_config": src.hf_config}, files
+    )
     # The config goes last: its presence marks a complete conversion.
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with open(out / CONFIG_FILE, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_hashed(src: Path, dst: Path) -> dict[str, Any]:
+    """Copies a file, durably; returns the `size` and `sha256` of what was written."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_COPY_CHUNK_BYTES):
+            fout.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 # --------------------------------------------------------------------------- the engine's cache
@@ -368,14 +586,24 @@ def cache_key(src_dir: Path, dtype: torch.dtype) -> str:
 def ensure_converted(
     src_dir: Path, dtype: torch.dtype, cache_root: Optional[Path] = None, progress: bool = True
 ) -> Path:
-    """The converted copy of `src_dir` in the cache, converting it on first use."""
+    """The converted copy of `src_dir` in the cache, converting it on first use.
+
+    A cache entry is checked with `verify_converted` (sizes, and hashes when a
+    file changed since its last check): one that is damaged (a file missing,
+    truncated or altered), unreadable, or of an older format is converted
+    again, with a warning naming the bad file. Temporary directories of
+    conversions into this entry that were killed are removed.
+    """
     dst = (cache_root or default_cache_root()) / cache_key(src_dir, dtype)
+    remove_stale_partials(dst)
     if is_converted(dst):
         try:
-            read_converted_config(dst)
+            verify_converted(dst, progress=progress)
             return dst
-        except ValueError:
-            pass  # an older format: convert again
+        except DamagedCheckpointError as e:
+            logger.warning("cached conversion damaged: %s %s; converting %s again", e.file, e.problem, src_dir)
+        except (ValueError, FileNotFoundError) as e:
+            logger.warning("cached conversion unusable: %s; converting %s again", e, src_dir)
     try:
         return convert(src_dir, dst, dtype=dtype, progress=progress, overwrite=True)
     except OSError:
@@ -389,8 +617,15 @@ def ensure_converted(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="a transformers CodeGen checkpoint directory")
-    p.add_argument("dst", help="where to write the converted checkpoint (a new directory)")
+    """The arguments of `fastcodegen convert`: SRC DST [--dtype] [--force] [--quiet], or --verify DIR."""
+    p.add_argument("src", nargs="?", help="a transformers CodeGen checkpoint directory")
+    p.add_argument("dst", nargs="?", help="where to write the converted checkpoint (a new directory)")
+    p.add_argument(
+        "--verify",
+        metavar="DIR",
+        help="instead of converting, check a converted directory: every file's size and sha256 against those "
+        "recorded at conversion",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -402,7 +637,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
+    """Runs `fastcodegen convert`; prints one `error: ...` line and returns 2 on a bad input or a damaged file."""
     try:
+        if args.verify is not None:
+            if args.src is not None or args.dst is not None:
+                raise ValueError("--verify DIR checks a converted directory and takes no SRC or DST")
+            echo(verify_converted(args.verify, full=True, progress=not args.quiet).summary())
+            return 0
+        if args.src is None or args.dst is None:
+            raise ValueError("convert needs SRC and DST (or --verify DIR)")
         out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet, overwrite=args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

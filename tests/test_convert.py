@@ -87,55 +87,76 @@ def expected_layout(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: t.to(dtype) for k, t in out.items()}
 
 
-def test_expected_layout_is_transformers_attention(checkpoint):
-    """The layout derived above gives transformers' q.k scores and values, so the expected tensors mean something."""
-    _, hf = checkpoint("hd64")
-    c = hf.config
-    d, nh, rd = c.n_embd, c.n_head, c.rotary_dim
-    hd = d // nh
-    layout = expected_layout(hf, torch.float32)
-    w_in = layout["layers.0.w_in"]
-    x = torch.randn(5, d, generator=torch.Generator().manual_seed(0))
-    y = x @ w_in.T
-    r, pw = nh * rd // 2, nh * (hd - rd)
+def _layout_forward(
+    layout: dict[str, torch.Tensor], config, ids: list[int], rotary: str = "half-split"
+) -> torch.Tensor:
+    """Logits [T, V] of a plain PyTorch CodeGen forward over the layout's tensors (fp32, no cache).
 
-    def head_dims(first, second, rest):
-        # per head: its first-half rotary dims, second-half ones, then the rest
-        return torch.cat([first.view(5, nh, rd // 2), second.view(5, nh, rd // 2), rest.view(5, nh, hd - rd)], -1)
-
-    q = head_dims(y[:, :r], y[:, 2 * r : 3 * r], y[:, 4 * r : 4 * r + pw])
-    k = head_dims(y[:, r : 2 * r], y[:, 3 * r : 4 * r], y[:, 4 * r + pw : 4 * r + 2 * pw])
-    v = y[:, 4 * r + 2 * pw : 4 * r + 2 * pw + d].view(5, nh, hd)
-    # The same rotation in half-split form on the permuted rows.
-    pos = torch.arange(5, dtype=torch.float32)
+    Per head, q and k are reassembled as [Q1 | Q2 | QP] and rotated in the
+    half-split form, pairs (x[i], x[i + rd/2]), the form the layout promises.
+    rotary="interleaved" rotates pairs (x[2i], x[2i+1]) instead: CodeGen's
+    original form, wrong for the regrouped rows (the test's negative control).
+    """
+    d, nh, rd = config.n_embd, config.n_head, config.rotary_dim
+    hd, half, t = d // nh, config.rotary_dim // 2, len(ids)
+    r, pw = nh * half, nh * (hd - rd)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
-    ang = pos[:, None] * inv_freq[None]  # [5, rd/2]
-    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq[None]  # [T, rd/2]
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [T, 1, rd/2]
 
-    def rot(t):
-        r, rest = t[..., :rd], t[..., rd:]
-        half = torch.cat([-r[..., rd // 2 :], r[..., : rd // 2]], -1)
-        return torch.cat([r * cos + half * sin, rest], -1)
+    def rotate(x):  # [T, nh, hd]
+        rot, rest = x[..., :rd], x[..., rd:]
+        if rotary == "half-split":
+            a, b = rot[..., :half], rot[..., half:]
+            rot = torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+        return torch.cat([rot, rest], -1)
 
-    scores = torch.einsum("qhd,khd->hqk", rot(q), rot(k))
-    # transformers' own attention module on the same input.
-    attn = hf.transformer.h[0].attn
+    def heads(first, second, rest):
+        return torch.cat([first.view(t, nh, half), second.view(t, nh, half), rest.view(t, nh, hd - rd)], -1)
+
+    eps = config.layer_norm_epsilon
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    x = layout["wte"][torch.tensor(ids)]
+    for i in range(config.n_layer):
+        h = torch.nn.functional.layer_norm(x, (d,), layout[f"layers.{i}.ln.weight"], layout[f"layers.{i}.ln.bias"], eps)
+        y = h @ layout[f"layers.{i}.w_in"].T + layout[f"layers.{i}.b_in"]
+        q = rotate(heads(y[:, :r], y[:, 2 * r : 3 * r], y[:, 4 * r : 4 * r + pw]))
+        k = rotate(heads(y[:, r : 2 * r], y[:, 3 * r : 4 * r], y[:, 4 * r + pw : 4 * r + 2 * pw]))
+        v = y[:, 4 * r + 2 * pw : 4 * r + 2 * pw + d].view(t, nh, hd)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / hd**0.5
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(t, d)
+        mlp = torch.nn.functional.gelu(y[:, 3 * d :], approximate="tanh")  # gelu_new
+        x = x + torch.cat([attn, mlp], -1) @ layout[f"layers.{i}.w_out"].T + layout[f"layers.{i}.b_out"]
+    x = torch.nn.functional.layer_norm(x, (d,), layout["ln_f.weight"], layout["ln_f.bias"], eps)
+    return x @ layout["lm_head.weight"].T + layout["lm_head.bias"]
+
+
+@pytest.mark.parametrize("shape", ["hd64", "hd80", "full-rotary"])
+def test_expected_layout_is_transformers_attention(checkpoint, shape, fresh_seed):
+    """The layout derived above, run by a plain PyTorch forward, gives transformers' logits.
+
+    transformers is used through its public output only (the model's logits),
+    so the expected tensors mean something whatever its internals look like:
+    the qkv untangling, the rotary regrouping (rotary dims below and equal to
+    the head dim), V, out_proj and the MLP columns all feed the logits.
+    """
+    _, hf = checkpoint(shape)
+    c = hf.config
+    layout = expected_layout(hf, torch.float32)
+    g = torch.Generator().manual_seed(fresh_seed)
+    ids = torch.randint(0, c.vocab_size, (23,), generator=g).tolist()
     with torch.no_grad():
-        qkv = attn.qkv_proj(x[None])
-        mp = 4
-        qkv_split = qkv.reshape(qkv.shape[:-1] + (mp, -1))
-        local = d // mp
-        hq, hv, hk = torch.split(qkv_split, local, dim=-1)
-        hq, hv, hk = (attn._split_heads(t, nh, hd, mp_num=mp) for t in (hq, hv, hk))
-        from transformers.models.codegen.modeling_codegen import apply_rotary_pos_emb, create_sinusoidal_positions
-
-        sincos = create_sinusoidal_positions(c.n_positions, rd)[torch.arange(5)][None]
-        s, co = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
-        hq = torch.cat([apply_rotary_pos_emb(hq[..., :rd], s, co), hq[..., rd:]], -1)
-        hk = torch.cat([apply_rotary_pos_emb(hk[..., :rd], s, co), hk[..., rd:]], -1)
-        ref_scores = torch.einsum("bqhd,bkhd->bhqk", hq, hk)[0]
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(v, hv[0], rtol=1e-5, atol=1e-5)
+        want = hf(torch.tensor([ids])).logits[0]
+        got = _layout_forward(layout, c, ids)
+        wrong = _layout_forward(layout, c, ids, rotary="interleaved")
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+    # The comparison can tell rotary styles apart: rotating the regrouped rows CodeGen's way is far off.
+    assert (wrong - want).abs().max().item() > 1e-2 * scale
 
 
 # --------------------------------------------------------------------------- engines from each format
