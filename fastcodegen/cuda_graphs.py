@@ -7,21 +7,25 @@ bucket's graph is captured after an eager warm-up of the same bucket (Triton
 compiles and picks its configs then, never during capture), largest bucket
 first, all into one memory pool.
 
-The graph reads the model runner's persistent device buffers; a step with R
+A graph reads the model runner's persistent device buffers; a step with R
 rows runs the smallest bucket B >= R, its rows R..B-1 padded with slot -1 (no
 K/V store) and context length 0 (attention writes zeros). Sampling stays
-outside the graph.
+outside the graph. This object holds the graphs and their outputs only, not
+the runner that fills their inputs, so nothing here keeps a closed engine's
+memory alive.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from typing import Callable
 
 import torch
 
-from .model_runner import ModelRunner
-from .scheduler import HostStep, Scheduler
+from .batch import Batch
+from .kv_cache import KVCache
+from .models.codegen import CodeGenModel
 
 logger = logging.getLogger("fastcodegen")
 
@@ -34,9 +38,7 @@ def default_buckets(max_rows: int) -> list[int]:
 
 
 class CudaGraphs:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, buckets: list[int]):
-        self.runner = runner
-        self.scheduler = scheduler
+    def __init__(self, buckets: list[int]):
         self.buckets = sorted(buckets)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -47,25 +49,28 @@ class CudaGraphs:
         return self.buckets[bisect.bisect_left(self.buckets, rows)]
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        model, kv = self.runner.model, self.runner.kv_cache
+    def capture(self, model: CodeGenModel, kv_cache: KVCache, padding_batch: Callable[[int], Batch]) -> None:
+        """Captures every bucket; `padding_batch(b)` fills the persistent buffers with a b-row padding step."""
+        device = kv_cache.data.device
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
-            batch = self.runner.upload(self.scheduler.padding_step(b))
+            batch = padding_batch(b)
             for _ in range(2):  # warm-up: compiles the kernels for this shape
-                model.compute_logits(model.forward(batch, kv))
-            torch.cuda.synchronize(self.runner.device)
+                model.compute_logits(model.forward(batch, kv_cache))
+            torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = model.compute_logits(model.forward(batch, kv))
+                logits = model.compute_logits(model.forward(batch, kv_cache))
             self._graphs[b] = (graph, logits)
-        torch.cuda.synchronize(self.runner.device)
+        torch.cuda.synchronize(device)
         logger.info("captured CUDA graphs for decode batches %s", self.buckets)
 
-    def run(self, step: HostStep) -> torch.Tensor:
-        """Logits [num_samples, vocab_size] of a decode step, by replaying its bucket's graph."""
-        b = self.bucket(step.info.num_rows)
-        self.runner.upload(self.scheduler.pad_decode(step, b))
-        graph, logits = self._graphs[b]
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Replays a bucket's graph on what the persistent buffers hold; its logits [bucket, vocab_size]."""
+        graph, logits = self._graphs[bucket]
         graph.replay()
-        return logits[step.logits_indices.to(logits.device, non_blocking=True)]
+        return logits
+
+    def close(self) -> None:
+        """Drops the graphs and their memory pool."""
+        self._graphs.clear()

@@ -10,25 +10,27 @@ sequence that finished, a seeded or logprobs row, a watched request's text.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import itertools
 import logging
-import operator
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Union
 from typing import Sequence as Seq
 
+import numpy as np
 import torch
 
 from . import hub, registry
 from .config import EngineConfig, ModelConfig, parse_device, parse_dtype, read_checkpoint_config
-from .cuda_graphs import CudaGraphs, default_buckets
+from .cuda_graphs import default_buckets
+from .kv_cache import uses_cuda_graphs
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, GenerationError, RequestOutput
 from .request import RequestState
 from .sampler import Sampler, sampling_inputs
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, as_float, as_int, check_utf8
 from .scheduler import FINISH_REASONS, Scheduler
 from .stopping import PatternStops
 from .tokenizer import Tokenizer
@@ -111,9 +113,27 @@ class Engine:
         enforce_eager: bool = False,
         progress: bool = True,
     ):
+        self._closed = True  # until construction succeeds: close() and __del__ have nothing to free
         dev = parse_device(device)
-        backend = _resolve_backend(backend, dev)
         dt = parse_dtype(dtype, dev)
+        backend = _resolve_backend(backend, dev, dt)
+        max_model_len, block_size, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, seed = (
+            _int_option(name, value)
+            for name, value in (
+                ("max_model_len", max_model_len),
+                ("block_size", block_size),
+                ("kv_cache_tokens", kv_cache_tokens),
+                ("max_num_seqs", max_num_seqs),
+                ("max_num_batched_tokens", max_num_batched_tokens),
+                ("seed", seed),
+            )
+        )
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        utilization = as_float(gpu_memory_utilization)
+        if utilization is None:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {gpu_memory_utilization!r}")
+        gpu_memory_utilization = utilization
         self.progress = progress
         model_config, source = self._load_config(model, load_format, revision, download, cache_dir, dt)
         if max_model_len is None:
@@ -156,9 +176,8 @@ class Engine:
         self._scheduler = Scheduler(self.config, kv.num_blocks, model_config.eos_token_ids)
         if self.tokenizer is not None:
             self._scheduler.set_vocabulary(self.tokenizer)
-        if dev.type == "cuda" and backend == "triton" and not enforce_eager:
-            self._runner.graphs = CudaGraphs(self._runner, self._scheduler, default_buckets(max_num_seqs))
-            self._runner.graphs.capture()
+        if uses_cuda_graphs(self.config):
+            self._runner.capture_cuda_graphs(self._scheduler, default_buckets(max_num_seqs))
         self._generator = torch.Generator(device=dev)
         self._generator.manual_seed(seed)
         self.vocab_limit = self.tokenizer.vocab_limit if self.tokenizer else model_config.vocab_size
@@ -167,6 +186,7 @@ class Engine:
         self._by_user_id: dict[str, int] = {}
         self._news: set[int] = set()  # requests of add_request() with news step() has not reported
         self._request_ids = itertools.count()
+        self._closed = False
 
     # ------------------------------------------------------------------ loading
 
@@ -210,6 +230,9 @@ class Engine:
         local = Path(model).expanduser()
         if local.is_dir():
             candidates.append(local)
+        shipped = registry.bundled_tokenizer(model)  # an official name: CodeGen's tokenizer, shipped
+        if shipped is not None:
+            candidates.append(shipped)
         for path in candidates:
             try:
                 return Tokenizer.from_dir(path)
@@ -217,6 +240,45 @@ class Engine:
                 continue
         logger.warning("no tokenizer found for %s: prompts must be token ids and outputs have no text", model)
         return None
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Frees the engine's memory (weights, KV cache, CUDA graphs); the engine cannot be used afterwards.
+
+        Requests still running are aborted. On CUDA the memory goes back to
+        the device (`torch.cuda.empty_cache`), so another engine can take it.
+        Calling it again does nothing. `with Engine(...) as engine:` closes
+        the engine at the end of the block.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.clear()
+        self._by_user_id.clear()
+        self._news.clear()
+        self._runner.close()
+        self._runner = None
+        self._scheduler = None
+        self._sampler = None
+        gc.collect()
+        if self.config.device.type == "cuda":
+            torch.cuda.synchronize(self.config.device)
+            torch.cuda.empty_cache()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed (Engine.close() was called); create a new one")
 
     # ------------------------------------------------------------------ requests
 
@@ -233,6 +295,7 @@ class Engine:
         Raises ValueError on a bad prompt or parameters (see `generate`); the
         engine is unchanged then.
         """
+        self._check_open()
         if request_id is not None and (not isinstance(request_id, str) or request_id in self._by_user_id):
             raise ValueError(f"request_id must be a new string, got {request_id!r}")
         [(text, ids, params)] = self._validate(
@@ -246,6 +309,7 @@ class Engine:
         A request's text so far, and once more with `finished=True` when it
         ends. Progress made meanwhile by `generate` calls is reported too.
         """
+        self._check_open()
         if self._scheduler.core.has_unfinished():
             self._step()
         outs = []
@@ -259,13 +323,15 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stops a request and frees its KV cache; unknown or finished ids are ignored."""
+        self._check_open()
         core_id = self._by_user_id.get(request_id)
         if core_id is not None:
             self._abort(self._requests[core_id])
             self._forget(self._requests[core_id])
 
     def has_unfinished_requests(self) -> bool:
-        return self._scheduler.core.has_unfinished()
+        """Whether any request (of add_request or a generate call under way) is still running or waiting."""
+        return not self._closed and self._scheduler.core.has_unfinished()
 
     # ------------------------------------------------------------------ generation
 
@@ -296,7 +362,12 @@ class Engine:
             ValueError: a prompt is empty, does not fit the context, or holds
                 an id outside the vocabulary; or a parameter is invalid. The
                 engine is unchanged and stays usable.
+            GenerationError: some requests failed (the model produced NaN or
+                infinite logits for them); the others ran to the end, and
+                every output is in the error's `outputs`. When streaming, it is
+                raised after the last output. The engine stays usable.
         """
+        self._check_open()
         validated = self._validate(prompts, prompt_token_ids, sampling_params)
         if stream:
             return self._stream(validated)
@@ -309,17 +380,22 @@ class Engine:
                 for req in self._run(requests):
                     if req.finished:
                         bar.update(1)
-            return [self._output(r) for r in requests]
+            outputs = [self._output(r) for r in requests]
         finally:
             self._settle(requests)
+        _raise_for_errors(outputs)
+        return outputs
 
     def _stream(self, validated: list) -> Iterator[RequestOutput]:
         requests = [self._add(t, ids, p, watch=True) for t, ids, p in validated]
+        last: dict[int, RequestOutput] = {}
         try:
             for req in self._run(requests):
-                yield self._output(req)
+                last[req.core_id] = out = self._output(req)
+                yield out
         finally:
             self._settle(requests)
+        _raise_for_errors([last[r.core_id] for r in requests if r.core_id in last])
 
     def _run(self, requests: list[RequestState]) -> Iterator[RequestState]:
         """Runs steps until every request of `requests` is finished, yielding each one a step advanced."""
@@ -349,17 +425,16 @@ class Engine:
         if prompts is not None:
             if isinstance(prompts, str):
                 prompts = [prompts]
-            if not all(isinstance(p, str) for p in prompts):
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompts must be a string or a list of strings")
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass prompt_token_ids instead of text prompts")
+            for i, p in enumerate(prompts):
+                check_utf8(f"prompt {i}", p)
             texts: list[Optional[str]] = list(prompts)
             id_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
-            first = prompt_token_ids[0] if len(prompt_token_ids) > 0 else None
-            if isinstance(first, int) or getattr(first, "ndim", None) == 0:  # one prompt, not a list of them
-                prompt_token_ids = [prompt_token_ids]
-            id_lists = [_token_ids(ids, i) for i, ids in enumerate(prompt_token_ids)]
+            id_lists = _prompt_id_lists(prompt_token_ids)
             texts = [None] * len(id_lists)
         if not id_lists:
             raise ValueError("no prompts given")
@@ -453,14 +528,15 @@ class Engine:
             if req.params.logprobs is not None:
                 logprobs[row] = req.params.logprobs
         inputs = sampling_inputs(step.temperature, step.top_k, step.top_p, self.config.device, generators, logprobs)
-        tokens, token_logprobs = self._sampler(logits, inputs)
-        finished, watched = sched.update(tokens)
+        sampled = self._sampler(logits, inputs)
+        failed = self._fail_non_finite(step, sampled.finite)
+        finished, watched = sched.update(sampled.tokens)
 
-        for row, lp in token_logprobs.items():
+        for row, lp in sampled.logprobs.items():
             seq = sched.sampled_seq(row)
             if seq >= 0:
                 self._requests[int(step.sample_request[row])].logprobs.setdefault(seq, []).append(lp)
-        news = set()
+        news = set(failed)
         for seq, core_id in watched:
             req = self._requests[core_id]
             seen = req.text_bytes.get(seq, 0)
@@ -482,6 +558,31 @@ class Engine:
         self._news.update(c for c in news if self._requests[c].served)
         return news
 
+    def _fail_non_finite(self, step, finite: np.ndarray) -> set[int]:
+        """Ends the requests whose logits held a NaN or an infinity this step; their scheduler ids.
+
+        Runs between schedule() and update(): update() then skips their rows,
+        so no meaningless token is appended; the other requests go on.
+        """
+        failed: set[int] = set()
+        if finite.all():
+            return failed
+        for row in np.flatnonzero(~finite).tolist():
+            core_id = int(step.sample_request[row])
+            req = self._requests.get(core_id)
+            if core_id in failed or req is None or req.finished:
+                continue
+            failed.add(core_id)
+            self._scheduler.core.abort(core_id)
+            req.finished = req.aborted = True
+            req.error = (
+                f"request {req.request_id}: the model produced non-finite logits (NaN or infinity), so no token "
+                "could be drawn; its completions were stopped. Check the weights (a damaged or overflowing "
+                "checkpoint) and the dtype (float16 overflows where bfloat16 does not)"
+            )
+            logger.error(req.error)
+        return failed
+
     # ------------------------------------------------------------------ outputs
 
     def _output(self, req: RequestState) -> RequestOutput:
@@ -492,6 +593,8 @@ class Engine:
             done = info["finish"] != 0
             text = self._scheduler.text(seq).decode()
             reason = FINISH_REASONS.get(info["finish"]) if done else None
+            if req.error is not None:
+                reason = "error"
             stop_reason = None
             if info["stop_string"] >= 0:
                 stop_reason = req.params.stop[info["stop_string"]]
@@ -524,6 +627,18 @@ class Engine:
                     ),
                 )
             )
+        if req.finished and len(completions) < req.params.n:
+            # Ended before its prompt forked into n samples (aborted, or failed): the missing ones are empty.
+            have = {c.index for c in completions}
+            reason = "error" if req.error is not None else "abort"
+            completions += [
+                CompletionOutput(
+                    index=i, finish_reason=reason, logprobs=[] if req.params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if req.params.logprobs is not None else None,
+                )  # fmt: skip
+                for i in range(req.params.n)
+                if i not in have
+            ]
         completions.sort(key=lambda c: c.index)
         return RequestOutput(
             request_id=req.request_id,
@@ -531,33 +646,39 @@ class Engine:
             prompt_token_ids=list(req.prompt_token_ids),
             outputs=completions,
             finished=req.finished,
+            error=req.error,
         )
 
     # ------------------------------------------------------------------ introspection
 
     @property
     def num_free_kv_blocks(self) -> int:
+        self._check_open()
         return self._scheduler.core.pool.num_free
 
     @property
     def kv_cache_tokens(self) -> int:
         """How many tokens the KV cache holds."""
+        self._check_open()
         return self._runner.kv_cache.num_tokens
 
     @property
     def stats(self):
         """Scheduler counters: computed_tokens, prefix_hit_tokens, preemptions, block_copies."""
+        self._check_open()
         return self._scheduler.core.stats
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
         return backend
     have_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if device.type == "cuda" and have_triton else "torch"
+        # The kernels are built for float16 and bfloat16 on CUDA; float32 runs on the torch backend there.
+        use = device.type == "cuda" and have_triton and dtype != torch.float32
+        return "triton" if use else "torch"
     if not have_triton:
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -565,18 +686,63 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             "backend='triton' runs on CUDA devices; on the CPU only in Triton's interpreter "
             "(set TRITON_INTERPRET=1 before starting Python)"
         )
+    if device.type == "cuda" and dtype == torch.float32:
+        raise ValueError(
+            "backend='triton' runs float16 and bfloat16 on CUDA, not float32 (its kernels would spill registers); "
+            "pass dtype='float16' or 'bfloat16', or backend='torch' (or 'auto') for float32"
+        )
     return backend
+
+
+def _int_option(name: str, value: object) -> Optional[int]:
+    """An Engine option that must be an integer (numpy integers accepted) or None, as a Python int."""
+    if value is None:
+        return None
+    out = as_int(value)
+    if out is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return out
+
+
+def _prompt_id_lists(prompt_token_ids: object) -> list[list[int]]:
+    """prompt_token_ids as lists of ints: one prompt (a list of ids) or a list of them.
+
+    Lists, tuples, numpy arrays and torch tensors (one or two dimensions) are
+    accepted, with numpy and torch integers; a bare integer, a string, a set,
+    a dict or an iterator is not (an order or a length would be guessed).
+    """
+    if hasattr(prompt_token_ids, "tolist") and getattr(prompt_token_ids, "ndim", 1) in (1, 2):
+        prompt_token_ids = prompt_token_ids.tolist()
+    if not isinstance(prompt_token_ids, (list, tuple)):
+        raise ValueError(
+            "prompt_token_ids must be a list of token ids or a list of such lists "
+            f"(a list, tuple, numpy array or tensor), got {type(prompt_token_ids).__name__}"
+        )
+    if len(prompt_token_ids) > 0 and as_int(prompt_token_ids[0]) is not None:  # one prompt, not a list of them
+        prompt_token_ids = [prompt_token_ids]
+    return [_token_ids(ids, i) for i, ids in enumerate(prompt_token_ids)]
 
 
 def _token_ids(ids: object, i: int) -> list[int]:
     """A prompt's ids as a list of ints (numpy and torch integers accepted)."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Seq) and not hasattr(ids, "tolist"):
-        raise ValueError(f"prompt {i}: prompt_token_ids must be lists of integers")
-    ids = ids.tolist() if hasattr(ids, "tolist") else ids
-    try:
-        out = [operator.index(t) for t in ids]
-    except TypeError:
-        raise ValueError(f"prompt {i}: token ids must be integers") from None
-    if any(isinstance(t, bool) for t in ids):
-        raise ValueError(f"prompt {i}: token ids must be integers, not booleans")
+    if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1:
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt {i}: prompt_token_ids must be lists of integers, got {type(ids).__name__}")
+    out = [as_int(t) for t in ids]
+    if any(t is None for t in out):
+        bad = next(t for t, o in zip(ids, out) if o is None)
+        raise ValueError(f"prompt {i}: token ids must be integers, not {bad!r}")
     return out
+
+
+def _raise_for_errors(outputs: list[RequestOutput]) -> None:
+    """Raises GenerationError naming the failed requests of a generate call, if any failed."""
+    failed = [(i, o) for i, o in enumerate(outputs) if o.error is not None]
+    if failed:
+        lines = "; ".join(f"prompt {i}: {o.error}" for i, o in failed)
+        raise GenerationError(
+            f"{len(failed)} of {len(outputs)} prompts failed ({lines}). The other prompts completed: every "
+            "output is in this error's `outputs`.",
+            outputs,
+        )

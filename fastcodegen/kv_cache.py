@@ -16,6 +16,10 @@ from .config import EngineConfig, ModelConfig
 CPU_DEFAULT_CONTEXTS = 4
 
 
+class NotEnoughMemoryError(RuntimeError):
+    """The device cannot hold the KV cache of one full-length sequence beside the weights and working memory."""
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.num_blocks = num_blocks
@@ -36,23 +40,48 @@ class KVCache:
 
 
 def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
-    """An upper estimate of the eager forward's working memory at the largest prefill."""
+    """An upper estimate of the working memory beside the weights and the KV cache.
+
+    The eager forward at the largest prefill, the logits of the most rows a
+    step samples and the sampler's temporaries over them, and (when decode
+    steps are captured) the CUDA graphs' private memory pool, which eager
+    steps cannot reuse.
+    """
     element = torch.empty((), dtype=engine.dtype).element_size()
-    t, d, f = engine.max_num_batched_tokens, model.n_embd, model.n_inner
+    d, f, v = model.n_embd, model.n_inner, model.vocab_size
     per_token = (3 * d + f) + (d + f) + 4 * d  # w_in output, w_out input, residual/LN copies
-    # fp32 scores, their mask and softmax for the longest prompt
+    # fp32 scores, their mask and softmax for the longest prompt (the torch backend's attention)
     scores = 3 * model.n_head * engine.max_model_len * engine.max_model_len * 4
-    logits = engine.max_num_seqs * model.vocab_size * 4 * 3
-    return 2 * t * per_token * element + scores + logits
+    forward = 2 * engine.max_num_batched_tokens * per_token * element + scores
+    # Sampled rows [S, V]: the logits in the model dtype and in float32, and the sampler's work over them
+    # (scaled logits, sorted values and int64 order, cumulative sums, masks, probabilities, noise).
+    samples = 2 * engine.max_num_seqs
+    sampler = samples * v * (element + SAMPLER_BYTES_PER_LOGIT)
+    graphs = 0
+    if uses_cuda_graphs(engine):
+        rows = engine.max_num_seqs
+        graphs = 2 * rows * per_token * element + rows * v * (element + 4)
+    return forward + sampler + graphs
 
 
-def num_kv_blocks(model: ModelConfig, engine: EngineConfig) -> int:
+# Bytes the sampler's temporaries take per logit of a sampled row (float32 copies, an int64 sort order).
+SAMPLER_BYTES_PER_LOGIT = 12 * 4 + 8
+
+
+def uses_cuda_graphs(engine: EngineConfig) -> bool:
+    return engine.device.type == "cuda" and engine.backend == "triton" and not engine.enforce_eager
+
+
+def num_kv_blocks(model: ModelConfig, engine: EngineConfig, weight_bytes: int) -> int:
     """How many KV blocks to allocate; at least one full-length sequence must fit.
 
     With `kv_cache_tokens` set, that many tokens. Otherwise, on the CPU,
-    CPU_DEFAULT_CONTEXTS full-length sequences; on CUDA, what remains of
-    `gpu_memory_utilization` of the device's memory after the weights (already
-    loaded) and the working memory of a forward pass.
+    CPU_DEFAULT_CONTEXTS full-length sequences; on CUDA, what this engine may
+    use: `gpu_memory_utilization` of the device's memory less its own weights
+    (`weight_bytes`) and working memory (`activation_bytes`), and never more
+    than is available now, counting memory PyTorch holds cached but unused as
+    available. Other engines in the process (and freed memory PyTorch keeps)
+    are not charged to this one's share.
     """
     block_bytes = engine.block_size * model.kv_bytes_per_token(engine.dtype)
     min_blocks = -(-engine.max_model_len // engine.block_size)
@@ -61,12 +90,19 @@ def num_kv_blocks(model: ModelConfig, engine: EngineConfig) -> int:
     if engine.device.type != "cuda":
         return CPU_DEFAULT_CONTEXTS * min_blocks
     free, total = torch.cuda.mem_get_info(engine.device)
-    budget = int(total * engine.gpu_memory_utilization) - (total - free) - activation_bytes(model, engine)
+    cached_unused = torch.cuda.memory_reserved(engine.device) - torch.cuda.memory_allocated(engine.device)
+    working = activation_bytes(model, engine)
+    share = int(total * engine.gpu_memory_utilization) - weight_bytes - working
+    available = free + cached_unused - working
+    budget = min(share, available)
     blocks = budget // block_bytes
     if blocks < min_blocks:
-        raise RuntimeError(
-            f"not enough GPU memory for the KV cache: {max(budget, 0) / 2**30:.2f} GiB left after the weights, "
-            f"a {engine.max_model_len}-token sequence needs {min_blocks * block_bytes / 2**30:.2f} GiB; "
-            "raise gpu_memory_utilization or lower max_model_len / max_num_batched_tokens"
+        raise NotEnoughMemoryError(
+            f"not enough GPU memory for the KV cache: {max(budget, 0) / 2**30:.2f} GiB left "
+            f"(this engine's share {max(share, 0) / 2**30:.2f} GiB, available now {max(available, 0) / 2**30:.2f} "
+            f"GiB, after {weight_bytes / 2**30:.2f} GiB of weights and {working / 2**30:.2f} GiB of working memory); "
+            f"a {engine.max_model_len}-token sequence needs {min_blocks * block_bytes / 2**30:.2f} GiB. "
+            "Raise gpu_memory_utilization, set kv_cache_tokens, lower max_model_len / max_num_seqs / "
+            "max_num_batched_tokens, or close other engines (Engine.close())"
         )
     return int(blocks)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .batch import Batch
 from .config import EngineConfig, ModelConfig
+from .cuda_graphs import CudaGraphs
 from .kv_cache import KVCache, num_kv_blocks
 from .models.codegen import CodeGenModel
 from .models.torch_ops import TorchOps
 from .models.triton_ops import TritonOps
-from .scheduler import HostStep
+from .scheduler import HostStep, Scheduler
 from .weights import CodeGenWeights
 
 
@@ -23,9 +24,10 @@ class ModelRunner:
         self.device = engine_config.device
         ops = TritonOps if engine_config.backend == "triton" else TorchOps
         self.model = CodeGenModel(model_config, weights, ops(model_config, self.device))
-        num_blocks = num_kv_blocks(model_config, engine_config)
+        num_blocks = num_kv_blocks(model_config, engine_config, _nbytes(weights))
         self.kv_cache = KVCache(model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
-        self.graphs = None  # set by enable_cuda_graphs()
+        self.graphs: Optional[CudaGraphs] = None  # set by capture_cuda_graphs()
+        self._pad_decode: Optional[Callable[[HostStep, int], HostStep]] = None
         self._dev: Optional[dict[str, torch.Tensor]] = None
         if self.device.type == "cuda":
             # Persistent device copies of the step metadata: steps copy into them
@@ -69,6 +71,20 @@ class ModelRunner:
         src, dst = src.to(self.device), dst.to(self.device)
         self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
 
+    def capture_cuda_graphs(self, scheduler: Scheduler, buckets: list[int]) -> None:
+        """Captures decode steps of each bucket size; later decode steps that fit replay them."""
+        self._pad_decode = scheduler.pad_decode  # the scheduler owns the host buffers padding writes
+        self.graphs = CudaGraphs(buckets)
+        self.graphs.capture(self.model, self.kv_cache, lambda rows: self.upload(scheduler.padding_step(rows)))
+
+    def run_graph(self, step: HostStep) -> torch.Tensor:
+        """Logits [num_samples, vocab_size] of a decode step, by replaying its bucket's graph."""
+        assert self.graphs is not None and self._pad_decode is not None
+        bucket = self.graphs.bucket(step.info.num_rows)
+        self.upload(self._pad_decode(step, bucket))
+        logits = self.graphs.replay(bucket)
+        return logits[step.logits_indices.to(logits.device, non_blocking=True)]
+
     @torch.inference_mode()
     def execute(self, step: HostStep) -> torch.Tensor:
         """Logits [num_samples, vocab_size] float32 of the step's sampled rows."""
@@ -76,7 +92,24 @@ class ModelRunner:
         if info.num_copies:
             self.copy_blocks(step.copy_src, step.copy_dst)
         if self.graphs is not None and info.is_decode and self.graphs.fits(info.num_rows):
-            return self.graphs.run(step)
+            return self.run_graph(step)
         batch = self.upload(step)
         hidden = self.model.forward(batch, self.kv_cache)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def close(self) -> None:
+        """Drops the graphs, the KV cache, the weights and the device buffers (their memory returns to PyTorch)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = None
+        self._pad_decode = None
+        self._dev = None
+        self.kv_cache = None
+        self.model = None
+
+
+def _nbytes(weights: CodeGenWeights) -> int:
+    """Bytes the weights' tensors take."""
+    tensors = [weights.wte, weights.ln_f_weight, weights.ln_f_bias, weights.lm_head_weight, weights.lm_head_bias]
+    tensors += [t for layer in weights.layers for t in vars(layer).values()]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -18,8 +18,9 @@ class CompletionOutput:
             completion (an end-of-text or stop token, or the token that
             completed a stop string).
         finish_reason: "stop" (end-of-text, a stop string, token or pattern),
-            "length" (max_tokens or the context end), "abort", or None while
-            still running.
+            "length" (max_tokens or the context end), "abort", "error" (the
+            request failed: see RequestOutput.error), or None while still
+            running.
         stop_reason: what stopped it: the stop string or pattern matched, or
             the stop token id; None otherwise.
         logprobs: with SamplingParams.logprobs set, one dict per generated
@@ -52,6 +53,9 @@ class RequestOutput:
         prompt_token_ids: the prompt's token ids.
         outputs: the `n` completions, in index order.
         finished: whether every completion has finished.
+        error: why the request failed (its completions then end with
+            finish_reason "error"), e.g. the model produced non-finite
+            logits; None otherwise.
     """
 
     request_id: str
@@ -59,3 +63,17 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    error: Optional[str] = None
+
+
+class GenerationError(RuntimeError):
+    """Some requests of a `generate` call failed; the others completed.
+
+    Attributes:
+        outputs: every RequestOutput of the call, in prompt order; the failed
+            ones carry `error` and finish_reason "error".
+    """
+
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs

@@ -28,6 +28,7 @@ class RequestState:
     served: bool = False  # added with add_request(): step() reports its news
     finished: bool = False
     aborted: bool = False
+    error: Optional[str] = None  # why the request failed, if it did
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> generator
     logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # sequence -> per token
     texts: dict[int, str] = field(default_factory=dict)  # watched sequence -> its text so far

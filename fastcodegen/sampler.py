@@ -1,5 +1,8 @@
 """From a batch of logits to the next tokens: greedy, temperature, top-k, top-p.
 
+Rows whose logits hold a NaN or an infinity (a numerical fault upstream) are
+flagged rather than sampled from: their token would be meaningless.
+
 Sampling uses the exponential race: `argmax(p / q)` with q ~ Exp(1) i.i.d. is
 distributed exactly as Categorical(p). All rows are sampled at once with the
 engine's generator; a seeded request's rows then redraw their noise from the
@@ -55,6 +58,15 @@ def filtered_probs(
     return x.softmax(dim=-1)
 
 
+@dataclass
+class Sampled:
+    """What the sampler drew for a step's sampled rows."""
+
+    tokens: np.ndarray  # [S] int32
+    logprobs: dict[int, dict[int, float]]  # row -> {token id: logprob}, for rows that asked
+    finite: np.ndarray  # [S] bool: False where the row's logits held a NaN or an infinity (its token is meaningless)
+
+
 class Sampler:
     """Samples one token per row, never an id at or above `vocab_limit`."""
 
@@ -63,9 +75,10 @@ class Sampler:
         self.generator = generator
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> tuple[np.ndarray, dict[int, dict[int, float]]]:
-        """Tokens [S] int32 in host memory, and {row: {token id: logprob}} for rows that asked."""
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> Sampled:
+        """Tokens [S] int32 in host memory, {row: {token id: logprob}} for rows that asked, which rows were finite."""
         logits = logits[:, : self.vocab_limit].float()  # [S, vocab_limit]
+        finite = torch.isfinite(logits).all(dim=-1)
         tokens = logits.argmax(dim=-1)
         if (inputs.host_temperature > 0).any():
             temperature = torch.where(inputs.temperature > 0, inputs.temperature, 1.0)
@@ -78,8 +91,11 @@ class Sampler:
                 noise[row].exponential_(generator=generator)
             noise.clamp_(min=torch.finfo(torch.float32).tiny)
             tokens = torch.where(inputs.temperature > 0, (probs / noise).argmax(dim=-1), tokens)
-        host_tokens = tokens.to(torch.int32).cpu().numpy()
-        return host_tokens, self._logprobs(logits, host_tokens, inputs.logprobs)
+        # One device-to-host copy for both: the tokens, and whether each row's logits were finite.
+        host = torch.stack([tokens.to(torch.int32), finite.to(torch.int32)]).cpu().numpy()
+        host_tokens, host_finite = np.ascontiguousarray(host[0]), host[1].astype(bool)
+        lp_rows = {row: k for row, k in inputs.logprobs.items() if host_finite[row]}
+        return Sampled(host_tokens, self._logprobs(logits, host_tokens, lp_rows), host_finite)
 
     def _logprobs(
         self, logits: torch.Tensor, tokens: np.ndarray, wanted: dict[int, int]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 # The stop rules of CodeGen's own sampler (its `truncate_before_pattern`): a
 # comment, a docstring or three newlines at the start of a line end a completion.
@@ -13,13 +15,39 @@ CODEGEN_STOP_PATTERNS: tuple[str, ...] = (r"^#", re.escape("<|endoftext|>"), r"^
 
 MAX_LOGPROBS = 20
 
+# The native scheduler keeps counts and token ids in 32-bit integers.
+INT32_LIMIT = 2**31
+# Below this, logits / temperature overflows float32 for ordinary logits, and the
+# softmax turns into NaN: 0 is how to ask for the most likely token.
+MIN_TEMPERATURE = 1e-3
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+
+def as_int(x: object) -> Optional[int]:
+    """x as a Python int if it is an integer (numpy and torch integers included, booleans not); else None."""
+    if isinstance(x, bool) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def as_float(x: object) -> Optional[float]:
+    """x as a Python float if it is a real number (numpy scalars included, booleans not); else None."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    return float(x)
+
+
+def check_utf8(name: str, text: str) -> None:
+    """Raises ValueError if `text` cannot be encoded as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name}: {text[max(0, e.start - 10) : e.end + 10]!r} holds a lone surrogate ({text[e.start]!r} at "
+            f"{e.start}), which is not valid Unicode text"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -67,38 +95,58 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+
+        def integer(name: str, low: int, high: int = INT32_LIMIT, what: str = "") -> None:
+            value = as_int(getattr(self, name))
+            if value is None or not low <= value < high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}){what}, got {getattr(self, name)!r}")
+            set_(name, value)
+
+        integer("n", 1)
+        temperature = as_float(self.temperature)
+        if temperature is None or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature!r}: "
+                "smaller ones overflow the logits divided by it"
+            )
+        set_("temperature", temperature)
+        top_p = as_float(self.top_p)
+        if top_p is None or not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 1, or 0 or -1 to disable it, got {self.top_k!r}")
+        set_("top_p", top_p)
+        integer("top_k", -1, what=": k >= 1, or 0 or -1 to disable it")
         if self.top_k == -1:
             set_("top_k", 0)
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        integer("max_tokens", 1)
         set_("stop", _string_tuple("stop", self.stop))
         if any(s == "" for s in self.stop):
             raise ValueError("stop: the empty string cannot be a stop string")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
+        for s in self.stop:
+            check_utf8("stop", s)
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Iterable):
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        ids = [as_int(t) for t in self.stop_token_ids]
+        if not all(t is not None and 0 <= t < INT32_LIMIT for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
-        set_("stop_token_ids", tuple(self.stop_token_ids))
+        set_("stop_token_ids", tuple(ids))
         set_("stop_patterns", _string_tuple("stop_patterns", self.stop_patterns))
         for p in self.stop_patterns:
+            check_utf8("stop_patterns", p)
             try:
                 compiled = re.compile(p, re.MULTILINE)
             except re.error as e:
                 raise ValueError(f"stop_patterns: {p!r} is not a valid regular expression: {e}") from None
             if compiled.search("") is not None:
                 raise ValueError(f"stop_patterns: {p!r} matches the empty string, so it would stop at once")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.seed is not None:
+            seed = as_int(self.seed)
+            if seed is None or seed < 0:
+                raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            set_("seed", seed)
+        if self.logprobs is not None:
+            integer("logprobs", 0, MAX_LOGPROBS + 1)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -24,7 +24,7 @@ LOGIT_RTOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, backend, fresh_seed):
     path, hf = checkpoint(shape)
-    engine = Engine(str(path), device="cuda", dtype=dtype, backend=backend, progress=False)
+    engine = Engine(str(path), device="cuda", dtype=dtype, backend=backend, kv_cache_tokens=1024, progress=False)
     model = copy.deepcopy(hf).to("cuda", dtype)
     g = torch.Generator().manual_seed(fresh_seed)
     prompts = [torch.randint(0, TOKENIZER_SIZE, (n,), generator=g).tolist() for n in (5, 17, 40)]
@@ -43,13 +43,18 @@ def test_cuda_generation_matches_transformers(checkpoint, shape, dtype, backend,
             assert gap <= LOGIT_RTOL[dtype] * logits[step].abs().max().item(), (step, gap)
             ours = out.outputs[0].logprobs[step][token]
             assert abs(ours - logp[step, token].item()) <= LOGIT_RTOL[dtype] * logits[step].abs().max().item()
+    engine.close()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_dummy_weights_real_shape(backend):
-    engine = Engine("codegen-350M-mono", device="cuda", load_format="dummy", backend=backend, progress=False)
-    assert engine.model_config.n_layer == 20
-    out = engine.generate(
-        prompt_token_ids=[list(range(1, 129))], sampling_params=SamplingParams(max_tokens=16, ignore_eos=True)
-    )
-    assert len(out[0].outputs[0].token_ids) == 16
+    with Engine(
+        "codegen-350M-mono", device="cuda", load_format="dummy", backend=backend, kv_cache_tokens=8192, progress=False
+    ) as engine:
+        assert engine.model_config.n_layer == 20
+        out = engine.generate(
+            prompt_token_ids=[list(range(1, 129))], sampling_params=SamplingParams(max_tokens=16, ignore_eos=True)
+        )
+        assert len(out[0].outputs[0].token_ids) == 16
+        text = engine.generate("def fib(n):", SamplingParams(max_tokens=8, ignore_eos=True))[0].outputs[0].text
+        assert isinstance(text, str)  # the shipped CodeGen tokenizer, offline

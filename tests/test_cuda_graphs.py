@@ -14,8 +14,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def engines(checkpoint):
     path, hf = checkpoint("hd80")
-    kw = dict(device="cuda", dtype="float16", backend="triton", max_num_seqs=40, progress=False)
-    return Engine(str(path), **kw), Engine(str(path), enforce_eager=True, **kw), hf
+    kw = dict(device="cuda", dtype="float16", backend="triton", max_num_seqs=40, kv_cache_tokens=4096, progress=False)
+    graphed, eager = Engine(str(path), **kw), Engine(str(path), enforce_eager=True, **kw)
+    yield graphed, eager, hf
+    graphed.close()
+    eager.close()
 
 
 def test_every_bucket_replays_like_eager(engines, fresh_seed):
@@ -38,13 +41,13 @@ def test_every_bucket_replays_like_eager(engines, fresh_seed):
                 if step.info.is_decode and step.info.num_rows == rows:
                     break
                 logits = runner.execute(step)
-                tokens, _ = graphed._sampler(logits, _greedy_inputs(step))
+                tokens = graphed._sampler(logits, _greedy_inputs(step)).tokens
                 sched.update(tokens)
-            replayed = runner.graphs.run(step).clone()
+            replayed = runner.run_graph(step).clone()
             batch = runner.upload(step)
             eager = runner.model.compute_logits(runner.model.forward(batch, runner.kv_cache)[batch.logits_indices])
             torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
-            tokens, _ = graphed._sampler(replayed, _greedy_inputs(step))
+            tokens = graphed._sampler(replayed, _greedy_inputs(step)).tokens
             sched.update(tokens)
             for req in list(graphed._requests.values()):
                 graphed._abort(req)

@@ -1,7 +1,10 @@
 """Each kernel compiled on a GPU, in float16 and bfloat16, at the real shapes of 350M, 2B, 6B and 16B.
 
 Run with `pytest -m gpu` on a CUDA machine. Same references and tolerances
-as the interpreter tests, at the sizes the engine runs.
+as the interpreter tests, at the sizes the engine runs, with every random
+draw from the test's fresh seed: a one-token projection that stores its K/V
+(batch-1 decode), padding rows (slot -1, context 0) and rows with no new
+token beside prompts.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
     x = _rand(g, tokens, d, dtype=dtype)
     ln_w, ln_b = _rand(g, d, dtype=dtype, scale=0.1, shift=1.0), _rand(g, d, dtype=dtype, scale=0.1)
     w_in, b_in = _rand(g, layout.width, d, dtype=dtype, scale=d**-0.5), _rand(g, layout.width, dtype=dtype, scale=0.1)
-    positions = torch.randint(0, c.n_positions, (tokens,), device="cuda")
+    positions = torch.randint(0, c.n_positions, (tokens,), device="cuda", generator=g)
     blocks = -(-tokens // 16) + 2
-    slots = torch.randperm(blocks * 16, device="cuda")[:tokens]
-    slots[::5] = -1
+    slots = torch.randperm(blocks * 16, device="cuda", generator=g)[:tokens]
+    # Some tokens store nothing (padding rows); never the first, so the one-token (batch-1 decode)
+    # variant's K/V store is checked too.
+    slots[2::5] = -1
+    assert slots[0] >= 0
     cos, sin = rotary_tables(c.rotary_dim, c.n_positions, torch.device("cuda"))
     caches = [
         torch.full((blocks, 16, c.n_head, c.head_dim), float("nan"), device="cuda", dtype=dtype) for _ in range(4)
@@ -72,9 +78,9 @@ def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
     torch.testing.assert_close(out_proj(a, h, w, b, r), out_proj_reference(a, h, w, b, r), **KERNEL_TOL[dtype])
 
 
-def _paged(ctx, c, dtype, g):
+def _paged(ctx, c, dtype, g, seed):
     blocks = sum(-(-n // 16) for n in ctx) + 2
-    tables = random_block_tables(ctx, 16, blocks, torch.Generator().manual_seed(0)).cuda()
+    tables = random_block_tables(ctx, 16, blocks, torch.Generator().manual_seed(seed)).cuda()
     k = _rand(g, blocks, 16, c.n_head, c.head_dim, dtype=dtype)
     v = _rand(g, blocks, 16, c.n_head, c.head_dim, dtype=dtype)
     return k, v, tables
@@ -87,9 +93,11 @@ def test_prefill_attention_real_shapes(size, dtype, fresh_seed):
 
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
-    seqs = [(512, 512), (200, 700), (1, 1)]  # a prompt, one after a cached 500-token prefix, a single token
+    # A prompt, one after a cached 500-token prefix, a single token, and rows with no new token this step
+    # (a prompt that got no chunk): first, between, last.
+    seqs = [(0, 300), (512, 512), (200, 700), (0, 40), (1, 1), (0, 1000)]
     q_lens, ctx = [q for q, _ in seqs], [n for _, n in seqs]
-    k, v, tables = _paged(ctx, c, dtype, g)
+    k, v, tables = _paged(ctx, c, dtype, g, fresh_seed)
     q = _rand(g, sum(q_lens), c.n_head, c.head_dim, dtype=dtype)
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
@@ -108,13 +116,16 @@ def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
     ctx = torch.randint(1, c.n_positions + 1, (batch,), generator=torch.Generator().manual_seed(fresh_seed)).tolist()
-    k, v, tables = _paged(ctx, c, dtype, g)
-    q = _rand(g, batch, c.n_head, c.head_dim, dtype=dtype)
-    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    pad = 3  # padding rows of a CUDA graph's bucket: context 0, must come out as zeros
+    k, v, tables = _paged(ctx + [0] * pad, c, dtype, g, fresh_seed)
+    q = _rand(g, batch + pad, c.n_head, c.head_dim, dtype=dtype)
+    lens = torch.tensor(ctx + [0] * pad, dtype=torch.int32, device="cuda")
     splits = num_splits(
-        batch, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count
+        batch + pad, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count
     )
-    got = decode_attention(q, k, v, tables, lens, splits)
+    out = torch.full_like(q, float("nan"))
+    got = decode_attention(q, k, v, tables, lens, splits, out=out)
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    ref = paged_attention_reference(q, k, v, tables, lens, starts, 1, max(ctx))
-    torch.testing.assert_close(got, ref, **KERNEL_TOL[dtype])
+    ref = paged_attention_reference(q[:batch], k, v, tables[:batch], lens[:batch], starts, 1, max(ctx))
+    torch.testing.assert_close(got[:batch], ref, **KERNEL_TOL[dtype])
+    assert torch.equal(got[batch:], torch.zeros_like(got[batch:]))

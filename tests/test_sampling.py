@@ -66,7 +66,7 @@ def test_sampled_frequencies_match_the_distribution(fresh_seed):
         ({"temperature": 2.0}, [math.sqrt(p) / sum(math.sqrt(q) for q in P) for p in P]),
     ]:
         inputs = _inputs(draws, **kwargs)
-        tokens = torch.from_numpy(sampler(logits, inputs)[0]).long()
+        tokens = torch.from_numpy(sampler(logits, inputs).tokens).long()
         assert tokens.max() < vocab_limit
         freq = torch.bincount(tokens, minlength=vocab_limit).double() / draws
         for f, p in zip(freq.tolist(), expected):
@@ -88,7 +88,7 @@ def _inputs(rows, temperature=1.0, top_k=0, top_p=1.0, **kwargs):
 def test_greedy_never_picks_past_the_tokenizer():
     sampler = Sampler(3, torch.Generator())
     logits = torch.tensor([[0.0, 1.0, 0.5, 9.0]])
-    assert sampler(logits, _inputs(1, temperature=0.0))[0].tolist() == [1]
+    assert sampler(logits, _inputs(1, temperature=0.0)).tokens.tolist() == [1]
 
 
 def test_mixed_batch_greedy_rows_stay_greedy(fresh_seed):
@@ -97,7 +97,7 @@ def test_mixed_batch_greedy_rows_stay_greedy(fresh_seed):
     logits = torch.tensor([[math.log(p) for p in P]]).repeat(64, 1)
     temperature = torch.tensor([0.0, 1.0] * 32)
     inputs = sampling_inputs(temperature, torch.zeros(64, dtype=torch.int32), torch.ones(64), torch.device("cpu"))
-    tokens = sampler(logits, inputs)[0]
+    tokens = sampler(logits, inputs).tokens
     assert (tokens[0::2] == 0).all()
     assert len(set(tokens[1::2].tolist())) > 1
 
@@ -108,7 +108,7 @@ def test_seeded_row_ignores_the_shared_generator(fresh_seed):
     for shared_seed in (1, 2):
         sampler = Sampler(50, torch.Generator().manual_seed(shared_seed))
         own = torch.Generator().manual_seed(7)
-        runs.append(sampler(logits, _inputs(3, generators={1: own}))[0])
+        runs.append(sampler(logits, _inputs(3, generators={1: own})).tokens)
     assert runs[0][1] == runs[1][1]
 
 

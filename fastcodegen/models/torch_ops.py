@@ -103,12 +103,10 @@ def paged_attention(
     context_lens[b] - query_len[b] + i and sees keys at positions up to its
     own. Returns [T, H, D] in the cache dtype.
 
-    Decode steps (one query per sequence) run as one padded batch; other
-    steps one sequence at a time, so that a long prompt beside many short
-    sequences never pads them all to its length.
+    Runs one sequence at a time, so that a long prompt beside many short
+    sequences never pads them all to its length; rows with no new token are
+    skipped. `decode_attention` is the batched form for decode steps.
     """
-    if max_query_len <= 1 and q.shape[0] == context_lens.shape[0]:
-        return _attend(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, 1, max_context_len)
     out = torch.empty_like(q, dtype=v_cache.dtype)
     starts, ctx = query_start_loc.tolist(), context_lens.tolist()
     for b in range(len(ctx)):
@@ -119,6 +117,32 @@ def paged_attention(
             q[a:e], k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1],
             torch.tensor([0, e - a], device=q.device), e - a, ctx[b],
         )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+) -> torch.Tensor:
+    """`paged_attention` of a decode step, every row with exactly one new token, as one padded batch.
+
+    q [B, H, D]: query i belongs to sequence i, so a step with a row that has
+    no new token must not come here (the scheduler's `is_decode` says which
+    steps may). A row with context length 0 (a CUDA-graph padding row) gets
+    zeros.
+    """
+    b = context_lens.shape[0]
+    assert q.shape[0] == b, "a decode step has one query per row"
+    starts = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+    out = torch.zeros_like(q, dtype=v_cache.dtype)
+    live = context_lens > 0
+    if max_context_len > 0:
+        attended = _attend(q, k_cache, v_cache, block_tables, context_lens, starts, 1, max_context_len)
+        out = torch.where(live[:, None, None], attended.nan_to_num(), out)
     return out
 
 
@@ -141,6 +165,9 @@ def _attend(
     slots = block_tables[:, kpos // block_size].long() * block_size + kpos % block_size  # [B, K]
     k = k_cache.reshape(-1, *k_cache.shape[2:])[slots]  # [B, K, H, D]
     v = v_cache.reshape(-1, *v_cache.shape[2:])[slots]
+    # Slots past a row's context hold whatever their block held before (a NaN left by a failed request
+    # included): zero them, since a masked probability of 0 times NaN is still NaN.
+    v = v.masked_fill((kpos[None, :] >= ctx[:, None])[:, :, None, None], 0)
     qi = torch.arange(max_query_len, device=device)  # [Q]
     q_valid = qi[None, :] < q_lens[:, None]  # [B, Q]
     q_index = (starts[:-1, None] + qi[None, :]).clamp(max=q.shape[0] - 1)
@@ -188,10 +215,17 @@ class TorchOps:
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
         c = self.config
-        out = paged_attention(
-            q.view(-1, c.n_head, c.head_dim), k_cache, v_cache, batch.block_tables, batch.context_lens,
-            batch.query_start_loc, batch.max_query_len, batch.max_context_len,
-        )  # fmt: skip
+        heads = q.view(-1, c.n_head, c.head_dim)
+        # As the triton backend: the batched decode form only when every row has exactly one new token.
+        if batch.is_decode:
+            out = decode_attention(
+                heads, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len
+            )
+        else:
+            out = paged_attention(
+                heads, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_start_loc,
+                batch.max_query_len, batch.max_context_len,
+            )  # fmt: skip
         return out.reshape(q.shape[0], -1)
 
     def out_proj(self, a: torch.Tensor, g: torch.Tensor, layer: LayerWeights, residual: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The CodeGen operations through the Triton kernels of `fastcodegen.kernels`: the "triton" backend.
 
 Per layer: the fused input projection (LayerNorm, [q|k|v|fc_in] GEMM,
-rotary, K/V store, gelu), paged attention (the prefill kernel, or the
-split-K decode kernel when every sequence has one new token), and the fused
+rotary, K/V store, gelu), paged attention (the split-K decode kernel when
+the scheduler marks the step a decode step, every row with exactly one new
+token; the prefill kernel otherwise), and the fused
 parallel-residual output GEMM. The embedding gather, the final LayerNorm and
 lm_head stay library calls (`torch_ops.final_logits`): the gather moves
 batch x d values, the LayerNorm runs once per step on the rows being sampled,
@@ -45,7 +46,10 @@ class TritonOps:
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
         c = self.config
         q = q.view(-1, c.n_head, c.head_dim)
-        if batch.max_query_len == 1:
+        # Only a step whose every row has exactly one new token may take the decode kernel: it pairs
+        # query row i with sequence i, which a row with no new token (a prompt that got no chunk, a
+        # decode held back) would shift, even when max_query_len is 1.
+        if batch.is_decode:
             splits = self._num_splits(batch.num_seqs, c.n_head, c.n_positions, num_sms=self.num_sms)
             out = self._decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, splits)
         else:
