@@ -2,29 +2,93 @@
 
 fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
 fastcodegen convert SRC DST          convert a transformers checkpoint
+
+A failure prints one line, `error: ...`, on stderr (a traceback only for an
+internal error, and only with -v) and exits with:
+
+    0    success
+    1    the run failed: out of memory, or an internal error
+    2    bad usage or input: an option, the prompt, a model or checkpoint that cannot be used
+    130  interrupted (Ctrl-C): 128 + SIGINT, as a shell reports it
+    141  whoever read stdout stopped (`| head`): 128 + SIGPIPE, as a shell reports it
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
+from types import MappingProxyType
 from typing import Optional
 
-from . import convert as convert_mod
-from .registry import DEFAULT_MODEL
+# Nothing here imports torch: it loads inside main(), where a Ctrl-C is handled like any other.
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+# A command killed by SIGPIPE is reported by the shell as 128 + SIGPIPE (`yes | head` gives 141), so
+# `set -o pipefail` scripts see the same status from fastcodegen as from any other producer; 0 would claim
+# the whole completion was delivered, and 1 would read as an internal error.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+# SamplingParams names a bad value by its field; the command line knows it by its option.
+OPTIONS = MappingProxyType(
+    {
+        "max_tokens": "--max-tokens",
+        "temperature": "--temperature",
+        "top_p": "--top-p",
+        "top_k": "--top-k",
+        "seed": "--seed",
+        "stop": "--stop",
+    }
+)
+
+# OSErrors that say the machine failed, not that the command named something unusable.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 
 
-def _generate(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A problem with the command line or its input: one line on stderr, exit 2."""
+
+
+class Interrupts:
+    """A SIGINT handler: KeyboardInterrupt, as Python's own handler raises, but remembered.
+
+    Some imports swallow the exception (torch's, when it lands while torch imports numpy) and carry on, or
+    fail later for having been cut short; so the command checks at a few points whether a Ctrl-C came, and
+    takes an error that follows one for its consequence.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raises KeyboardInterrupt if a Ctrl-C came, even one whose exception was swallowed."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+def _generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
     from .engine import Engine
-    from .hub import ModelNotFoundError
+    from .registry import DEFAULT_MODEL
     from .sampling_params import CODEGEN_STOP_PATTERNS, SamplingParams
 
+    interrupts.check()
+
     if len(args.args) > 2:
-        print("error: generate takes [MODEL] PROMPT", file=sys.stderr)
-        return 2
-    model, prompt = args.args if len(args.args) == 2 else (DEFAULT_MODEL, args.args[0])
-    prompt = sys.stdin.read() if prompt == "-" else prompt
+        raise UsageError("generate takes [MODEL] PROMPT")
+    model, prompt_arg = args.args if len(args.args) == 2 else (DEFAULT_MODEL, args.args[0])
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens,
@@ -35,36 +99,73 @@ def _generate(args: argparse.Namespace) -> int:
             stop=args.stop,
             stop_patterns=None if args.no_codegen_stops else list(CODEGEN_STOP_PATTERNS),
         )
-        engine = Engine(
-            model,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
-            load_format=args.load_format,
-            revision=args.revision,
-            download=not args.offline,
-        )
-        if not args.no_echo:
-            sys.stdout.write(prompt)
-            sys.stdout.flush()
-        shown = 0
-        finish = None
-        for out in engine.generate(prompt, params, stream=True):
-            completion = out.outputs[0]
-            sys.stdout.write(completion.text[shown:])
-            sys.stdout.flush()
-            shown = len(completion.text)
-            finish = completion.finish_reason
-        sys.stdout.write("\n")
-        if args.verbose:
-            print(f"[finish_reason={finish}]", file=sys.stderr)
-    except (ValueError, ModelNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except ValueError as e:
+        field = re.match(r"\w+", str(e))
+        option = OPTIONS.get(field.group() if field else "")
+        raise UsageError(f"argument {option}: {e}" if option else str(e)) from None
+    prompt = _read_prompt(prompt_arg)
+    engine = Engine(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        load_format=args.load_format,
+        revision=args.revision,
+        download=not args.offline,
+        progress=sys.stderr is not None and sys.stderr.isatty(),
+    )
+    # generate() checks the prompt and the parameters before it returns the iterator, so whatever is wrong
+    # is reported before the first byte reaches stdout.
+    stream = engine.generate(prompt, params, stream=True)
+    interrupts.check()
+    out = sys.stdout.buffer
+    if not args.no_echo:
+        _write(out, prompt)
+    shown = 0
+    finish = None
+    for request_output in stream:
+        completion = request_output.outputs[0]
+        _write(out, completion.text[shown:])
+        shown = len(completion.text)
+        finish = completion.finish_reason
+    _write(out, "\n")
+    if args.verbose:
+        print(f"[finish_reason={finish}]", file=sys.stderr)
+    return EXIT_OK
+
+
+def _read_prompt(arg: str) -> str:
+    """The prompt: the argument itself, or standard input for `-`; UTF-8 either way."""
+    if arg != "-":
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the filesystem encoding could not decode, kept as surrogates
+            raise UsageError("PROMPT is not valid UTF-8") from None
+        return arg
+    if sys.stdin is None:
+        raise UsageError("PROMPT is - but standard input is closed")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"standard input is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "fastcodegen reads prompts as UTF-8"
+        ) from None
+
+
+def _write(out, text: str) -> None:
+    """Writes text to stdout as UTF-8 at once: a completion streams, whatever stdout's buffering or locale."""
+    if text:
+        out.write(text.encode("utf-8"))
+        out.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fastcodegen`."""
+    from . import convert as convert_mod
+    from .registry import DEFAULT_MODEL
+
     p = argparse.ArgumentParser(prog="fastcodegen", description="A fast inference engine for CodeGen models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -75,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streams a completion of PROMPT (or of standard input, with -) from MODEL: an official name "
         f"(codegen-350M-mono ...), a Hugging Face repo id, a directory, or by default {DEFAULT_MODEL}, the small "
         "model shipped with fastcodegen.",
+        epilog="Exit status: 0 done, 1 failed (out of memory, internal error), 2 bad usage or input, "
+        "130 interrupted, 141 stdout closed by its reader.",
     )
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     g.add_argument("--max-tokens", type=int, default=128)
@@ -95,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", default=None)
     g.add_argument("--offline", action="store_true", help="never download")
     g.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("convert", help="convert a transformers CodeGen checkpoint")
@@ -105,8 +208,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s"
+    """Runs the command; returns its exit status (see the module docstring)."""
+    interrupts = Interrupts()
+    # Only in place of Python's own handler: not where SIGINT is ignored (a background job), nor over a
+    # handler the caller installed, nor from a thread (where Python allows no handler to be set).
+    handled = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     )
-    return args.func(args)
+    if handled:
+        signal.signal(signal.SIGINT, interrupts)
+    verbose = False
+    try:
+        args = build_parser().parse_args(argv)
+        interrupts.check()
+        verbose = getattr(args, "verbose", False)
+        _configure_logging(verbose)
+        return _generate(args, interrupts) if args.func is _generate else args.func(args)
+    except KeyboardInterrupt:
+        return _interrupted()
+    except BrokenPipeError:
+        # The reader of stdout is gone. Pointing stdout at /dev/null lets Python's own flush at exit
+        # succeed instead of printing "Exception ignored ... BrokenPipeError".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except Exception as e:
+        if interrupts.seen:
+            return _interrupted()
+        status, message = _describe(e)
+        if status == EXIT_FAILURE and message is None:
+            if verbose:
+                traceback.print_exc()
+            message = f"internal error: {type(e).__name__}: {e}" + ("" if verbose else " (run with -v for details)")
+        _error_line(f"error: {message}")
+        return status
+    finally:
+        if handled and not interrupts.seen:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupted() -> int:
+    # A second Ctrl-C while Python shuts down then ends the process at once, without a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # CPython remembers a KeyboardInterrupt that escaped code run by exec() (dataclasses build their methods
+    # so, at import time) and, under `python -m`, ends the process by SIGINT at exit although it was handled
+    # here; running exec() again clears that, so the status is 130 however the command was started.
+    exec("")
+    _error_line("interrupted")
+    return EXIT_INTERRUPTED
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Log lines on stderr, bare: INFO and up with -v, else warnings only, unless the caller set up logging.
+
+    Without -v an error reaches the user once, as the command's own `error:` line, not also as a log line.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _describe(e: Exception) -> tuple[int, Optional[str]]:
+    """The exit status for an exception, and its message; None for an internal error."""
+    from .kv_cache import NotEnoughMemoryError
+    from .outputs import GenerationError
+
+    torch = sys.modules.get("torch")  # not imported yet: the error cannot be one of its own
+
+    if isinstance(e, (UsageError, ValueError)):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, OSError):  # ModelNotFoundError included
+        message = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e)
+        return (EXIT_FAILURE if e.errno in RESOURCE_ERRNOS else EXIT_USAGE), message
+    if isinstance(e, GenerationError):
+        return EXIT_FAILURE, "generation failed: " + "; ".join(o.error for o in e.outputs if o.error)
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)):
+        return EXIT_FAILURE, f"out of memory: {e}" if str(e) else "out of memory"
+    if isinstance(e, NotEnoughMemoryError):  # the GPU cannot hold one full-length sequence's KV cache
+        return EXIT_FAILURE, str(e)
+    return EXIT_FAILURE, None
+
+
+def _error_line(message: str) -> None:
+    """Prints message on stderr as one line; a closed stderr is not an error of its own."""
+    try:
+        print(" ".join(message.split()), file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
