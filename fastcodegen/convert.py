@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype, read_checkpoint_config, read_json_file
 from .tokenizer import TOKENIZER_FILES
@@ -149,7 +150,10 @@ class SourceCheckpoint:
     def _open(self, file: Path) -> Any:
         if file not in self._opened:
             if file.suffix == ".safetensors":
-                self._opened[file] = safe_open(str(file), framework="pt", device="cpu")
+                try:
+                    self._opened[file] = safe_open(str(file), framework="pt", device="cpu")
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{file}: not a readable safetensors file ({e}); download it again") from None
             else:
                 self._opened[file] = _load_bin(file)
         return self._opened[file]
@@ -185,10 +189,14 @@ class SourceCheckpoint:
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     """A `pytorch_model.bin` as a dict of tensors, memory-mapped when the file allows it."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files in the legacy (pre-zip) format cannot be mapped.
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files in the legacy (pre-zip) format cannot be mapped.
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        # A truncated download, another format, or pickled objects weights_only refuses to build.
+        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"[:500]) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{file}: not a state dict of tensors")
     return obj

@@ -573,3 +573,16 @@ def test_other_floating_sources_convert(checkpoint, tmp_path, source_dtype):
     # hf holds the checkpoint's values in float32; the qkv rows are permuted, so compare the untouched ones.
     assert torch.equal(got["lm_head.weight"], hf.lm_head.weight.detach())
     assert torch.equal(got["layers.1.b_out"], hf.transformer.h[1].mlp.fc_out.bias.detach())
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_source_weights_raise_naming_the_file(checkpoint, tmp_path, fmt, damage):
+    src, _ = checkpoint("hd64", fmt)
+    bad = _copy(src, tmp_path / "bad")
+    weights = bad / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    with pytest.raises(ValueError) as e:
+        convert(bad, tmp_path / "out", progress=False)
+    assert str(weights) in str(e.value)
