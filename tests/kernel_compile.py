@@ -1,22 +1,29 @@
-"""Compiles every kernel launch the engine makes, for a real GPU, on a machine without one.
+"""Every kernel launch the engine makes, enumerated without a GPU; and compiled ahead of time for one.
 
     python tests/kernel_compile.py [--arch 90] [--json]
 
 Triton's interpreter accepts code the compiler rejects (a `tl.dot` operand
-under 16 wide, mismatched loop-carried types, ...). This script calls each
-kernel's host wrapper at the real shapes of codegen-350M, 2B, 6B and 16B with
-meta tensors (shapes, no data), records the launches instead of running
-them, and compiles each one ahead of time to a cubin for the given
-architecture (sm_90: H100/H200) with Triton's compiler and ptxas. It prints
-one line per launch with registers, spills and shared memory (from
-`cuobjdump -res-usage`) and exits non-zero if any launch fails to compile.
-Run in its own process: the kernels must be real `triton.jit` functions, not
-interpreted ones.
+under 16 wide, mismatched loop-carried types, ...). This script runs engine
+steps through the "triton" backend's operations (`TritonOps`: in_proj,
+attention, out_proj, exactly as the model calls them) on meta tensors
+(shapes, no data) at the real shapes of codegen-350M, 2B, 6B and 16B,
+records the kernel launches instead of running them, and compiles each
+distinct one ahead of time to a cubin for the given architecture (sm_90:
+H100/H200) with Triton's compiler and ptxas. It prints one line per launch
+with registers, spills and shared memory (from `cuobjdump -res-usage`) and
+exits non-zero if any launch fails to compile. Run in its own process: the
+kernels must be real `triton.jit` functions, not interpreted ones.
+
+The enumeration (`engine_shapes`, `engine_steps`, `run_step`,
+`record_launches`) is shared: `tools/warm_triton_cache.py` drives the same
+steps through Triton's JIT to fill a kernel cache for a GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -25,53 +32,275 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("kernel_compile.py compiles kernels: run it without TRITON_INTERPRET=1")
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from fastcodegen.kernels import decode_attention, in_proj, out_proj, prefill_attention  # noqa: E402
-from fastcodegen.models.torch_ops import rotary_tables  # noqa: E402
-from fastcodegen.registry import MODELS  # noqa: E402
-from fastcodegen.weights import InProjLayout  # noqa: E402
+from fastcodegen.batch import Batch
+from fastcodegen.config import ModelConfig
+from fastcodegen.kv_cache import KVCache
+from fastcodegen.models.triton_ops import TritonOps
+from fastcodegen.registry import MODELS
+from fastcodegen.weights import CodeGenWeights, tensor_shapes
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+
+REAL_MODELS = ("codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono")
+# The geometries of tests/conftest.py SHAPES (name: n_embd, n_head, rotary_dim; n_positions 128): the
+# engine tests run them on a GPU too. tests/test_warm_triton_cache.py keeps the two lists equal.
+TEST_SHAPES = {"hd64": (256, 4, 32), "hd80": (320, 4, 64), "hd256": (1024, 4, 64), "full-rotary": (128, 4, 32)}
+TEST_N_POSITIONS = 128
+# (module, attribute) of every kernel the engine launches.
+KERNELS = (
+    ("in_proj", "_in_proj_kernel"),
+    ("prefill_attention", "_prefill_kernel"),
+    ("decode_attention", "_split_kernel"),
+    ("decode_attention", "_combine_kernel"),
+    ("out_proj", "_out_proj_kernel"),
+    ("out_proj", "_split_k_reduce_kernel"),
+)
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """One engine configuration, reduced to what reaches the kernels' launches.
+
+    The model's geometry and dtype; the block-table width (max_model_len over
+    block_size), a stride the kernels specialise on; the most rows of a
+    decode step (max_num_seqs) and tokens of a step (max_num_batched_tokens);
+    the SM count the split-K plans are made for (132: H100 SXM and H200).
+    """
+
+    label: str
+    config: ModelConfig
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_sms: int = 132
+
+    @property
+    def table_width(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def describe(self) -> str:
+        return f"{self.label} {str(self.dtype).removeprefix('torch.')} tables={self.table_width}"
+
+
+def engine_shapes(
+    models: Iterable[str] = REAL_MODELS,
+    dtypes: Iterable[torch.dtype] = (torch.float16, torch.bfloat16),
+    test_shapes: bool = True,
+    num_sms: int = 132,
+) -> list[EngineShape]:
+    """The real models at the engine's defaults (max_model_len = n_positions), then the tests' tiny models."""
+    shapes = []
+    for dtype in dtypes:
+        for name in models:
+            c = dataclasses.replace(MODELS[name], n_layer=1)
+            shapes.append(EngineShape(name, c, dtype, c.n_positions, num_sms=num_sms))
+        if test_shapes:
+            for name, (d, h, r) in TEST_SHAPES.items():
+                c = ModelConfig(n_layer=1, n_embd=d, n_head=h, rotary_dim=r, n_positions=TEST_N_POSITIONS)
+                shapes.append(EngineShape(f"test-{name}", c, dtype, c.n_positions, num_sms=num_sms))
+    return shapes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One engine step as the kernels see it: decode (one new token per row) or prefill (`tokens` new tokens)."""
+
+    kind: str
+    rows: int
+    tokens: int
+
+    def __str__(self) -> str:
+        return f"decode rows={self.rows}" if self.kind == "decode" else f"prefill tokens={self.tokens}"
+
+
+def engine_steps(
+    shape: EngineShape, decode_rows: Optional[Iterable[int]] = None, prefill_tokens: Optional[Iterable[int]] = None
+) -> list[Step]:
+    """The steps whose launches cover every specialisation the engine can make, or the given subsets.
+
+    Decode: every row count up to max_num_seqs. That holds the CUDA-graph
+    buckets of this and of any smaller max_num_seqs, and the eager decode
+    steps (enforce_eager), which may have any count. Prefill (every step
+    the scheduler does not mark decode: prompts, chunks, idle rows): every
+    token count up to max_num_batched_tokens, packed into as few prompts as
+    max_model_len allows. Rows and tokens reach the kernels as runtime
+    integers (specialised on ==1 and on divisibility by 16), block sizes and
+    split counts, so every count is enumerated rather than guessing which
+    ones differ.
+    """
+    rows = range(1, shape.max_num_seqs + 1) if decode_rows is None else decode_rows
+    tokens = range(1, shape.max_num_batched_tokens + 1) if prefill_tokens is None else prefill_tokens
+    steps = [Step("decode", r, r) for r in rows]
+    steps += [Step("prefill", -(-t // shape.max_model_len), t) for t in tokens]
+    return steps
+
+
+# Block tables whose width is not a multiple of 16 (max_model_len 200: 13 blocks), as the kernel tests and
+# microbenchmarks make them for short contexts; the engine's own tables are n_positions / 16 wide.
+ODD_TABLE_MAX_MODEL_LEN = 200
+ODD_TABLE_DECODE_ROWS = (1, 8, 32)
+ODD_TABLE_PREFILL_TOKENS = (512,)
+
+
+def warm_plan(
+    models: Iterable[str] = REAL_MODELS,
+    dtypes: Iterable[torch.dtype] = (torch.float16, torch.bfloat16),
+    test_shapes: bool = True,
+    num_sms: int = 132,
+) -> list[tuple[EngineShape, list[Step]]]:
+    """Every (shape, steps) whose launches a GPU run of the engine, its tests and benchmarks may make.
+
+    The engine at each shape, every step (`engine_steps`); then the real
+    models' attention at block tables of a width not divisible by 16 (the
+    kernel tests' and microbenchmarks' short contexts) at their batch sizes.
+    """
+    dtypes = list(dtypes)
+    plan = [(s, engine_steps(s)) for s in engine_shapes(models, dtypes, test_shapes, num_sms)]
+    for s in engine_shapes(models, dtypes, test_shapes=False, num_sms=num_sms):
+        odd = dataclasses.replace(s, max_model_len=ODD_TABLE_MAX_MODEL_LEN)
+        plan.append((odd, engine_steps(odd, ODD_TABLE_DECODE_ROWS, ODD_TABLE_PREFILL_TOKENS)))
+    return plan
+
+
+@dataclass
+class ShapeState:
+    """What a shape's steps share: the ops backend, one layer's weights, one layer's K/V cache."""
+
+    ops: TritonOps
+    weights: CodeGenWeights
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def prepare(shape: EngineShape, device: torch.device = torch.device("meta")) -> ShapeState:
+    """The "triton" backend's operations over one layer of meta tensors laid out as the engine lays them out."""
+    c = shape.config
+    ops = TritonOps(c, device)
+    ops.num_sms = shape.num_sms
+    named = ((name, torch.empty(s, device=device, dtype=shape.dtype)) for name, s in tensor_shapes(c).items())
+    weights = CodeGenWeights.from_named(c, named)
+    kv = KVCache(c, shape.table_width, shape.block_size, device, shape.dtype)
+    k_cache, v_cache = kv.layer(0)
+    return ShapeState(ops, weights, k_cache, v_cache)
+
+
+def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
+    """One layer of `CodeGenModel.forward` over the step's Batch: the launches a real step makes, per layer."""
+    device = state.k_cache.device
+
+    def zeros(*size: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(size, device=device, dtype=dtype)  # valid token ids where the tensors are real
+
+    t, r = step.tokens, step.rows
+    # Slices of the model runner's persistent buffers start at their base: as aligned as fresh tensors.
+    batch = Batch(
+        input_ids=zeros(t, dtype=torch.int64),
+        positions=zeros(t, dtype=torch.int64),
+        slot_mapping=zeros(t, dtype=torch.int64),
+        block_tables=zeros(r, shape.table_width, dtype=torch.int32),
+        context_lens=zeros(r, dtype=torch.int32),
+        query_start_loc=zeros(r + 1, dtype=torch.int32),
+        logits_indices=zeros(r, dtype=torch.int64),
+        max_query_len=1 if step.kind == "decode" else min(t, shape.max_model_len),
+        max_context_len=shape.max_model_len,
+        is_decode=step.kind == "decode",
+    )
+    layer = state.weights.layers[0]
+    x = state.weights.wte[batch.input_ids]
+    q, g = state.ops.in_proj(x, layer, batch, state.k_cache, state.v_cache)
+    a = state.ops.attention(q, state.k_cache, state.v_cache, batch)
+    state.ops.out_proj(a, g, layer, x)
 
 
 @dataclass
 class Launch:
     name: str
-    kernel: triton.JITFunction
+    kernel: Any  # the kernel's triton.JITFunction (or its interpreted stand-in)
+    grid: tuple
     args: tuple
     kwargs: dict
 
 
-class _Recorder:
+class Recorder:
     """Stands in for a kernel: `kernel[grid](...)` records the call instead of running it."""
 
-    def __init__(self, kernel: triton.JITFunction, name: str, log: list[Launch], tag: list[str]):
+    def __init__(self, kernel: Any, name: str, log: list[Launch], tag: list[str]):
         self.kernel, self.name, self.log, self.tag = kernel, name, log, tag
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(Launch(f"{self.name} {self.tag[0]}", self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.log.append(
+            Launch(f"{self.name} {self.tag[0]}", self.kernel, tuple(grid), args, kwargs)
+        )
 
 
-def _signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
+def kernel_modules() -> list[tuple[Any, str]]:
+    """(module, attribute) of every kernel in KERNELS, the modules imported."""
+    from fastcodegen.kernels import decode_attention, in_proj, out_proj, prefill_attention
+
+    modules = {
+        "in_proj": in_proj,
+        "prefill_attention": prefill_attention,
+        "decode_attention": decode_attention,
+        "out_proj": out_proj,
+    }
+    return [(modules[m], name) for m, name in KERNELS]
+
+
+def patch_kernels(make: Callable[[Any, str], Any]) -> Callable[[], None]:
+    """Replaces every kernel by make(kernel, name) in its module; returns the function that restores them."""
+    kernels = kernel_modules()
+    originals = [getattr(module, name) for module, name in kernels]
+    for (module, name), kernel in zip(kernels, originals):
+        setattr(module, name, make(kernel, name))
+
+    def restore() -> None:
+        for (module, name), kernel in zip(kernels, originals):
+            setattr(module, name, kernel)
+
+    return restore
+
+
+def record_launches(shape: EngineShape, steps: Iterable[Step]) -> list[Launch]:
+    """The launches of the steps, in order, each named 'kernel model dtype step'."""
+    log: list[Launch] = []
+    tag = [""]
+    restore = patch_kernels(lambda kernel, name: Recorder(kernel, name, log, tag))
+    try:
+        state = prepare(shape)
+        for step in steps:
+            tag[0] = f"{shape.describe()} {step}"
+            run_step(shape, state, step)
+    finally:
+        restore()
+    return log
+
+
+@functools.lru_cache(maxsize=None)
+def _param_names(fn: Callable) -> tuple[list[str], set[str]]:
+    params = inspect.signature(fn).parameters
+    constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    return list(params), constexpr
+
+
+def signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) of a recorded launch, specialised as Triton's JIT would.
 
     Like the JIT: an integer equal to 1 becomes a constant, and pointers and
     integers divisible by 16 are marked so (which lets loads vectorise).
     Meta tensors have address 0, as aligned as the allocator's.
     """
-    params = list(inspect.signature(launch.kernel.fn).parameters)
+    params, constexpr = _param_names(launch.kernel.fn)
     values = dict(zip(params, launch.args))
-    options = {k: launch.kwargs.pop(k) for k in ("num_warps", "num_stages") if k in launch.kwargs}
-    values.update(launch.kwargs)
-    constexpr = {p.name for p in launch.kernel.params if p.is_constexpr}
+    kwargs = dict(launch.kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values.update(kwargs)
     sig, consts, attrs = {}, {}, {}
     aligned = [["tt.divisibility", 16]]
     for i, name in enumerate(params):
@@ -79,9 +308,11 @@ def _signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
         if name in constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[(i,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
-            sig[name], attrs[(i,)] = "*" + _TYPES[v.dtype], aligned
+            sig[name] = "*" + _TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = aligned
         elif isinstance(v, bool):
-            sig[name] = "i1"
+            sig[name] = "u1"
         elif isinstance(v, int):
             sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
             if v % 16 == 0:
@@ -91,6 +322,12 @@ def _signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
         else:
             raise TypeError(f"{launch.name}: cannot type argument {name}={v!r}")
     return sig, consts, attrs, options
+
+
+def specialization_key(launch: Launch) -> str:
+    """What tells two launches of a kernel apart for the compiler: its name and `signature`."""
+    sig, consts, attrs, options = signature(launch)
+    return f"{launch.kernel.fn.__name__} {sig} {consts} {attrs} {options}"
 
 
 def _resources(cubin: bytes) -> dict:
@@ -103,67 +340,24 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(m[1]), "stack": int(m[2]), "local": int(m[3])} if m else {}
 
 
-def record_launches(dtype: torch.dtype) -> list[Launch]:
-    """Every launch the engine makes at the real shapes: decode and prefill projections, both attentions."""
-    log: list[Launch] = []
-    tag = [""]
-    kernels = [
-        (in_proj, "_in_proj_kernel"),
-        (prefill_attention, "_prefill_kernel"),
-        (decode_attention, "_split_kernel"),
-        (decode_attention, "_combine_kernel"),
-        (out_proj, "_out_proj_kernel"),
-        (out_proj, "_split_k_reduce_kernel"),
-    ]
-    originals = [getattr(module, name) for module, name in kernels]
-    for (module, name), kernel in zip(kernels, originals):
-        setattr(module, name, _Recorder(kernel, name, log, tag))
-    try:
-        _call_wrappers(dtype, tag)
-    finally:
-        for (module, name), kernel in zip(kernels, originals):
-            setattr(module, name, kernel)
-    return log
-
-
-def _call_wrappers(dtype: torch.dtype, tag: list[str]) -> None:
-    meta = torch.device("meta")
-
-    def empty(*shape, dt=dtype):
-        return torch.empty(shape, device=meta, dtype=dt)
-
-    for model in ("codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono"):
-        c = MODELS[model]
-        layout = InProjLayout.of(c)
-        d, f, h, hd = c.n_embd, c.n_inner, c.n_head, c.head_dim
-        cos, sin = rotary_tables(c.rotary_dim, c.n_positions, meta)
-        cache = empty(64, 16, h, hd)
-        for tokens in (1, 32, 512):
-            tag[0] = f"{model} {str(dtype)[6:]} rows={tokens}"
-            x, pos, slots = empty(tokens, d), empty(tokens, dt=torch.int64), empty(tokens, dt=torch.int64)
-            in_proj.in_proj(x, empty(d), empty(d), empty(layout.width, d), empty(layout.width), pos, slots,
-                            cos, sin, cache, cache, layout, 1e-5)  # fmt: skip
-            out_proj.out_proj(empty(tokens, d), empty(tokens, f), empty(d, d + f), empty(d), empty(tokens, d))
-        tag[0] = f"{model} {str(dtype)[6:]}"
-        seqs, tables = 4, empty(4, 128, dt=torch.int32)
-        lens, starts = empty(seqs, dt=torch.int32), empty(seqs + 1, dt=torch.int32)
-        prefill_attention.paged_attention(empty(512, h, hd), cache, cache, tables, lens, starts, 128, 2048)
-        for batch in (1, 64):
-            splits = decode_attention.num_splits(batch, h, c.n_positions)
-            decode_attention.decode_attention(
-                empty(batch, h, hd), cache, cache, tables[:1].expand(batch, -1), lens[:1].expand(batch), splits
-            )
+# The steps compiled ahead of time: small and large decode batches (the decode kernels, both split-K plans of
+# out_proj), a short and a long prefill (the projections' other block configurations, prefill attention).
+AOT_DECODE_ROWS = (1, 64)
+AOT_PREFILL_TOKENS = (32, 512)
 
 
 def compile_all(arch: int, dtypes: list[torch.dtype]) -> list[dict]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     results, seen = [], set()
-    for dtype in dtypes:
-        for launch in record_launches(dtype):
-            sig, consts, attrs, options = _signature(launch)
-            key = (launch.kernel.fn.__name__, str(sig), str(consts), str(attrs), str(options))
+    for shape in engine_shapes(dtypes=dtypes, test_shapes=False):
+        for launch in record_launches(shape, engine_steps(shape, AOT_DECODE_ROWS, AOT_PREFILL_TOKENS)):
+            key = specialization_key(launch)
             if key in seen:
                 continue
             seen.add(key)
+            sig, consts, attrs, options = signature(launch)
             row = {"launch": launch.name, "options": options}
             try:
                 source = ASTSource(launch.kernel, sig, constexprs=consts, attrs=attrs)
@@ -181,6 +375,12 @@ def main() -> int:
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: kernel_compile.py compiles kernels: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    # Compile as Triton 3.6 does by default (fused multiply-adds); Triton 3.9 warns while it is unset and 3.10
+    # turns it off. Set only in this script's own process: a process that fills or reads a kernel cache for a
+    # GPU run must leave it unset, as the variable enters every cache key (tools/warm_triton_cache.py).
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     results = compile_all(args.arch, [getattr(torch, d) for d in args.dtypes])
     if args.json:
