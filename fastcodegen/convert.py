@@ -25,7 +25,7 @@ The conversion streams: the output header is computed from the config first,
 then one layer at a time is read (memory-mapped), fused and written, so a 16B
 checkpoint never has two copies in memory. Every byte written is hashed on its
 way to the disk: `fastcodegen.json` records each file's size and sha256, which
-`weights.verify_converted` checks when the checkpoint is loaded (and
+`integrity.verify_converted` checks when the checkpoint is loaded (and
 `fastcodegen convert --verify DIR` on demand).
 
 It writes into a temporary directory, `.<DST name>.partial-XXXX` next to DST,
@@ -60,16 +60,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import QKV_SHARDS, ModelConfig, dtype_name, parse_dtype, read_checkpoint_config, read_json_file
+from .integrity import DamagedCheckpointError, verify_converted
 from .tokenizer import TOKENIZER_FILES
-from .weights import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    DamagedCheckpointError,
-    converted_metadata,
-    is_converted,
-    tensor_shapes,
-    verify_converted,
-)
+from .weights import CONFIG_FILE, WEIGHTS_FILE, converted_metadata, is_converted, tensor_shapes
 
 logger = logging.getLogger("fastcodegen")
 

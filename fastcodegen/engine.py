@@ -25,6 +25,7 @@ import torch
 from . import hub, registry
 from .config import EngineConfig, ModelConfig, parse_device, parse_dtype, read_checkpoint_config
 from .cuda_graphs import default_buckets
+from .integrity import verify_converted
 from .kv_cache import uses_cuda_graphs
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, GenerationError, RequestOutput
@@ -169,6 +170,7 @@ class Engine:
         if load_format == "dummy":
             weights = dummy_weights(model_config, dev, dt, seed=seed)
         else:
+            verify_converted(source, progress=progress)  # a damaged file: a ValueError naming it
             weights = load_weights(source, model_config, dev, dt, progress=progress)
         self._runner = ModelRunner(model_config, self.config, weights)
         kv = self._runner.kv_cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,24 @@ def save_checkpoint(model, out: Path, fmt: str = "safetensors", tokenizer: Path 
         for f in tokenizer.iterdir():
             (out / f.name).write_bytes(f.read_bytes())
     return out
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint directory (to damage or edit without touching the session's)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_weights(path: Path, edit) -> Path:
+    """Rewrites `path/model.safetensors` after `edit(tensors)` changes its dict of tensors in place."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    edit(tensors)
+    file.unlink()
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return path
 
 
 class CheckpointFactory:

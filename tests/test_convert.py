@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import fastcodegen.convert as convert_mod
-from conftest import TOKENIZER_SIZE, hf_greedy
+from conftest import TOKENIZER_SIZE, copy_checkpoint, hf_greedy, rewrite_weights
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.convert import _StreamingSafetensorsWriter, convert
 from fastcodegen.weights import FORMAT_VERSION
@@ -255,20 +255,6 @@ def test_converted_directory_loads_without_reconverting(checkpoint, tmp_path, mo
 # --------------------------------------------------------------------------- bad sources
 
 
-def _copy_checkpoint(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _rewrite_weights(path: Path, edit) -> Path:
-    file = path / "model.safetensors"
-    tensors = load_file(str(file))
-    edit(tensors)
-    file.unlink()
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    return path
-
-
 def _assert_nothing_left(dst: Path) -> None:
     assert not dst.exists()
     parent = dst.parent
@@ -301,7 +287,7 @@ def _extra(t):
 )
 def test_bad_tensors_raise_and_leave_nothing(checkpoint, tmp_path, edit, tensor, words):
     src, _ = checkpoint("hd64")
-    bad = _rewrite_weights(_copy_checkpoint(src, tmp_path / "bad"), edit)
+    bad = rewrite_weights(copy_checkpoint(src, tmp_path / "bad"), edit)
     dst = tmp_path / "out" / "converted"
     dst.parent.mkdir()
     with pytest.raises(ValueError) as e:
@@ -312,7 +298,7 @@ def test_bad_tensors_raise_and_leave_nothing(checkpoint, tmp_path, edit, tensor,
 
 def test_bad_shape_message_gives_both_shapes(checkpoint, tmp_path):
     src, hf = checkpoint("hd64")
-    bad = _rewrite_weights(_copy_checkpoint(src, tmp_path / "bad"), _misshapen)
+    bad = rewrite_weights(copy_checkpoint(src, tmp_path / "bad"), _misshapen)
     with pytest.raises(ValueError) as e:
         convert(bad, tmp_path / "out", progress=False)
     d = hf.config.n_embd
@@ -321,7 +307,7 @@ def test_bad_shape_message_gives_both_shapes(checkpoint, tmp_path):
 
 def test_bin_with_missing_tensor_raises(checkpoint, tmp_path):
     src, _ = checkpoint("hd64", "bin")
-    bad = _copy_checkpoint(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     state = torch.load(bad / "pytorch_model.bin", weights_only=True)
     del state["lm_head.bias"]
     torch.save(state, bad / "pytorch_model.bin")
@@ -333,7 +319,7 @@ def test_bin_with_missing_tensor_raises(checkpoint, tmp_path):
 
 def test_other_architecture_raises(checkpoint, tmp_path):
     src, _ = checkpoint("hd64")
-    bad = _copy_checkpoint(src, tmp_path / "gptj")
+    bad = copy_checkpoint(src, tmp_path / "gptj")
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "gptj"
     cfg["architectures"] = ["GPTJForCausalLM"]
@@ -346,7 +332,7 @@ def test_other_architecture_raises(checkpoint, tmp_path):
 
 def test_missing_shard_raises(checkpoint, tmp_path):
     src, _ = checkpoint("hd64", "sharded-safetensors")
-    bad = _copy_checkpoint(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     weight_map = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
     shard = sorted(set(weight_map.values()))[-1]
     (bad / shard).unlink()
@@ -453,7 +439,7 @@ def test_console_script(checkpoint, tmp_path):
     assert r.returncode == 2 and "exists" in r.stderr
     assert json.loads((dst / "fastcodegen.json").read_text())["dtype"] == "float16"
 
-    bad = _rewrite_weights(_copy_checkpoint(src, tmp_path / "bad"), _missing)
+    bad = rewrite_weights(copy_checkpoint(src, tmp_path / "bad"), _missing)
     r = _run([str(exe), "convert", str(bad), str(tmp_path / "y"), "--quiet"])
     assert r.returncode == 2
     assert "error" in r.stderr and "transformer.h.1.mlp.fc_in.bias" in r.stderr
@@ -529,7 +515,7 @@ def test_stale_cached_conversion_is_redone(checkpoint, tmp_path, monkeypatch):
     _assert_matches_transformers(engine, hf)
 
     # Pointed at directly, an old conversion is refused with a hint rather than misread.
-    old = _copy_checkpoint(converted, tmp_path / "old")
+    old = copy_checkpoint(converted, tmp_path / "old")
     (old / "fastcodegen.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="convert the checkpoint again"):
         Engine(str(old), device="cpu", progress=False, cache_dir=str(cache))
@@ -554,7 +540,7 @@ def test_changed_checkpoint_is_converted_again(checkpoint, tmp_path, monkeypatch
     """A checkpoint rewritten in place must not be served from a stale conversion."""
     src0, hf0 = checkpoint("hd64", seed=0)
     src1, hf1 = checkpoint("hd64", seed=1)
-    src = _copy_checkpoint(src0, tmp_path / "ckpt")
+    src = copy_checkpoint(src0, tmp_path / "ckpt")
     cache = tmp_path / "cache"
     e0 = Engine(str(src), device="cpu", progress=False, cache_dir=str(cache))
     _assert_matches_transformers(e0, hf0)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -27,31 +26,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import fastcodegen.cli as cli
 import fastcodegen.convert as convert_mod
-import fastcodegen.weights as weights_mod
-from conftest import TOKENIZER_SIZE, hf_greedy
+import fastcodegen.integrity as integrity_mod
+from conftest import TOKENIZER_SIZE, copy_checkpoint, hf_greedy, rewrite_weights
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.convert import LOCK_FILE, UNLOCKED_PARTIAL_AGE_S, convert, ensure_converted, remove_stale_partials
-from fastcodegen.weights import DamagedCheckpointError, verify_converted
+from fastcodegen.integrity import DamagedCheckpointError, verify_converted
 
 NEW_TOKENS = 6
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _rewrite_weights(path: Path, edit) -> Path:
-    file = path / "model.safetensors"
-    tensors = load_file(str(file))
-    edit(tensors)
-    file.unlink()
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    return path
 
 
 def _partials(dst: Path) -> list[Path]:
@@ -281,7 +266,7 @@ def test_converted_directory_has_ordinary_permissions(checkpoint, tmp_path):
     dst = convert(src, tmp_path / "c", progress=False)
     assert stat.S_IMODE(dst.stat().st_mode) == 0o777 & ~umask
     verify_converted(dst)
-    assert stat.S_IMODE((dst / weights_mod.STAMP_FILE).stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((dst / integrity_mod.STAMP_FILE).stat().st_mode) == 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------- recorded checksums
@@ -326,9 +311,9 @@ def test_hashes_are_checked_once_then_when_a_file_changes(checkpoint, tmp_path, 
     dst = convert(src, tmp_path / "c", progress=False)
     recorded = sorted(json.loads((dst / "fastcodegen.json").read_text())["files"])
     weights = dst / "model.safetensors"
-    real = weights_mod.file_sha256
+    real = integrity_mod.file_sha256
     hashed = []
-    monkeypatch.setattr(weights_mod, "file_sha256", lambda f, progress=False: hashed.append(f.name) or real(f))
+    monkeypatch.setattr(integrity_mod, "file_sha256", lambda f, progress=False: hashed.append(f.name) or real(f))
 
     def check(full=False) -> list[str]:
         hashed.clear()
@@ -493,7 +478,7 @@ def test_verify_command(checkpoint, tmp_path, capsys, fresh_seed):
 
 def test_truncated_checkpoint_config_is_named(checkpoint, tmp_path):
     src, _ = checkpoint("hd64")
-    bad = _copy(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     config = bad / "config.json"
     config.write_bytes(config.read_bytes()[:40])
     with pytest.raises(ValueError, match="not valid JSON") as e:
@@ -516,7 +501,7 @@ def test_truncated_checkpoint_config_is_named(checkpoint, tmp_path):
 
 def test_truncated_shard_index_is_named(checkpoint, tmp_path):
     src, _ = checkpoint("hd64", "sharded-safetensors")
-    bad = _copy(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     index = bad / "model.safetensors.index.json"
     index.write_bytes(index.read_bytes()[:-20])
     with pytest.raises(ValueError) as e:
@@ -545,7 +530,7 @@ def test_non_floating_source_tensor_raises(checkpoint, tmp_path, dtype):
     def edit(t):
         t[name] = t[name].to(dtype)
 
-    bad = _rewrite_weights(_copy(src, tmp_path / "bad"), edit)
+    bad = rewrite_weights(copy_checkpoint(src, tmp_path / "bad"), edit)
     dst = tmp_path / "out" / "c"
     with pytest.raises(ValueError) as e:
         convert(bad, dst, progress=False)
@@ -556,7 +541,7 @@ def test_non_floating_source_tensor_raises(checkpoint, tmp_path, dtype):
 
 def test_non_floating_bin_tensor_raises(checkpoint, tmp_path):
     src, _ = checkpoint("hd64", "bin")
-    bad = _copy(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     state = torch.load(bad / "pytorch_model.bin", weights_only=True)
     state["lm_head.weight"] = state["lm_head.weight"].to(torch.int64)
     torch.save(state, bad / "pytorch_model.bin")
@@ -579,7 +564,7 @@ def test_other_floating_sources_convert(checkpoint, tmp_path, source_dtype):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_unreadable_source_weights_raise_naming_the_file(checkpoint, tmp_path, fmt, damage):
     src, _ = checkpoint("hd64", fmt)
-    bad = _copy(src, tmp_path / "bad")
+    bad = copy_checkpoint(src, tmp_path / "bad")
     weights = bad / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))

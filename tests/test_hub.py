@@ -105,14 +105,15 @@ def test_dummy_350M_engine_builds_offline():
     assert abs(w.layers[0].ln_weight.float().mean().item() - 1.0) < 0.01
     assert not torch.equal(w.layers[0].w_in, w.layers[1].w_in)
 
-    # No tokenizer: token ids work, text does not.
-    assert engine.tokenizer is None
+    # CodeGen's tokenizer ships with the package: text in and out offline, no id past the tokenizer sampled.
+    assert engine.tokenizer is not None and engine.vocab_limit == 50295
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     out = engine.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=params, use_tqdm=False)
     tokens = out[0].outputs[0].token_ids
-    assert len(tokens) == 2 and all(0 <= t < v for t in tokens)
-    with pytest.raises(ValueError, match="tokenizer"):
-        engine.generate("def f():", params)
+    assert len(tokens) == 2 and all(0 <= t < 50295 for t in tokens)
+    out = engine.generate("def f(x):\n    return x", params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == [4299, 277, 7, 87, 2599, 198, 50284, 7783, 2124]
+    assert out.outputs[0].text == engine.tokenizer.decode(out.outputs[0].token_ids)
 
     # The same seed gives the same weights.
     wte, w_in_last = w.wte.clone(), w.layers[-1].w_in[:64].clone()
