@@ -114,7 +114,6 @@ class Engine:
         enforce_eager: bool = False,
         progress: bool = True,
     ):
-        self._closed = True  # until construction succeeds: close() and __del__ have nothing to free
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
         backend = _resolve_backend(backend, dev, dt)
