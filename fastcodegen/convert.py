@@ -51,6 +51,7 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -423,8 +424,16 @@ def convert(
 @contextlib.contextmanager
 def _locked_partial_dir(dst_dir: Path) -> Iterator[Path]:
     """A new temporary directory next to `dst_dir`, exclusively flocked while in use, removed on failure."""
-    tmp = _new_partial_dir(dst_dir)
+    # A Ctrl-C between the directory's creation and the cleanup's reach would leave it behind: interrupts
+    # wait until the directory is in hand, then arrive inside the try that removes it.
+    deferred = _defer_interrupts()
     try:
+        tmp = _new_partial_dir(dst_dir)
+    except BaseException:
+        _allow_interrupts(deferred)
+        raise
+    try:
+        _allow_interrupts(deferred)
         fd = os.open(tmp / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -442,6 +451,22 @@ def _locked_partial_dir(dst_dir: Path) -> Iterator[Path]:
         raise
     finally:
         os.close(fd)
+
+
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _defer_interrupts() -> Optional[set]:
+    """Blocks SIGINT and SIGTERM for this thread; the mask to restore (None where signals cannot be masked)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+
+
+def _allow_interrupts(previous: Optional[set]) -> None:
+    """Restores the mask `_defer_interrupts` replaced; a signal that came meanwhile is delivered now."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _new_partial_dir(dst_dir: Path) -> Path:
