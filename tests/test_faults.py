@@ -84,6 +84,20 @@ def test_non_finite_logits_in_a_served_request_are_an_output_not_an_exception(en
     assert finished[good].error is None and finished[good].outputs[0].token_ids == hf_greedy(hf, [9, 2, 3], 6)
 
 
+def test_torch_decode_attention_keeps_a_live_rows_nan_and_zeroes_padding_rows():
+    """A fault must reach the logits (where the sampler detects it), never be turned into zeros on the way."""
+    from fastcodegen.models.torch_ops import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(4, 16, 2, 8, generator=g), torch.randn(4, 16, 2, 8, generator=g)
+    q = torch.randn(3, 2, 8, generator=g)
+    q[0, 1, 3] = float("nan")
+    tables = torch.tensor([[0, 1], [2, 0], [3, 0]], dtype=torch.int32)
+    out = decode_attention(q, k, v, tables, torch.tensor([20, 5, 0], dtype=torch.int32), 20)
+    assert out[0, 1].isnan().all() and out[0, 0].isfinite().all()
+    assert out[1].isfinite().all() and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 def test_nan_weights_fail_every_request_with_a_clear_error(engine_factory):
     engine, _ = engine_factory("hd64")
     with torch.no_grad():

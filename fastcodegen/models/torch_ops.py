@@ -137,13 +137,13 @@ def decode_attention(
     """
     b = context_lens.shape[0]
     assert q.shape[0] == b, "a decode step has one query per row"
+    zeros = torch.zeros_like(q, dtype=v_cache.dtype)
+    if max_context_len == 0:
+        return zeros
     starts = torch.arange(b + 1, device=q.device, dtype=torch.int32)
-    out = torch.zeros_like(q, dtype=v_cache.dtype)
-    live = context_lens > 0
-    if max_context_len > 0:
-        attended = _attend(q, k_cache, v_cache, block_tables, context_lens, starts, 1, max_context_len)
-        out = torch.where(live[:, None, None], attended.nan_to_num(), out)
-    return out
+    attended = _attend(q, k_cache, v_cache, block_tables, context_lens, starts, 1, max_context_len)
+    # A padding row's softmax over no key is NaN: it is replaced, a live row's NaN (a fault) is kept.
+    return torch.where((context_lens > 0)[:, None, None], attended, zeros)
 
 
 def _attend(
