@@ -268,3 +268,13 @@ class EngineConfig:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def max_samples(self) -> int:
+        """Most logits rows one step samples: a row per sequence, and room for n-sample forks."""
+        return 2 * self.max_num_seqs
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs (the triton backend on CUDA, unless eager)."""
+        return self.device.type == "cuda" and self.backend == "triton" and not self.enforce_eager

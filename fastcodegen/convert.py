@@ -432,13 +432,10 @@ def _locked_partial_dir(dst_dir: Path) -> Iterator[Path]:
     except BaseException:
         _allow_interrupts(deferred)
         raise
+    fd = None
     try:
         _allow_interrupts(deferred)
         fd = os.open(tmp / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a file nobody else has opened yet: never waits
         except OSError as e:
@@ -450,7 +447,8 @@ def _locked_partial_dir(dst_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}

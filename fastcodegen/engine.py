@@ -26,7 +26,6 @@ from . import hub, registry
 from .config import EngineConfig, ModelConfig, parse_device, parse_dtype, read_checkpoint_config
 from .cuda_graphs import default_buckets
 from .integrity import verify_converted
-from .kv_cache import uses_cuda_graphs
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, GenerationError, RequestOutput
 from .request import RequestState
@@ -177,7 +176,7 @@ class Engine:
         self._scheduler = Scheduler(self.config, kv.num_blocks, model_config.eos_token_ids)
         if self.tokenizer is not None:
             self._scheduler.set_vocabulary(self.tokenizer)
-        if uses_cuda_graphs(self.config):
+        if self.config.uses_cuda_graphs:
             self._runner.capture_cuda_graphs(self._scheduler, default_buckets(max_num_seqs))
         self._generator = torch.Generator(device=dev)
         self._generator.manual_seed(seed)

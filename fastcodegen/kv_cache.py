@@ -55,10 +55,9 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     forward = 2 * engine.max_num_batched_tokens * per_token * element + scores
     # Sampled rows [S, V]: the logits in the model dtype and in float32, and the sampler's work over them
     # (scaled logits, sorted values and int64 order, cumulative sums, masks, probabilities, noise).
-    samples = 2 * engine.max_num_seqs
-    sampler = samples * v * (element + SAMPLER_BYTES_PER_LOGIT)
+    sampler = engine.max_samples * v * (element + SAMPLER_BYTES_PER_LOGIT)
     graphs = 0
-    if uses_cuda_graphs(engine):
+    if engine.uses_cuda_graphs:
         rows = engine.max_num_seqs
         graphs = 2 * rows * per_token * element + rows * v * (element + 4)
     return forward + sampler + graphs
@@ -66,10 +65,6 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
 
 # Bytes the sampler's temporaries take per logit of a sampled row (float32 copies, an int64 sort order).
 SAMPLER_BYTES_PER_LOGIT = 12 * 4 + 8
-
-
-def uses_cuda_graphs(engine: EngineConfig) -> bool:
-    return engine.device.type == "cuda" and engine.backend == "triton" and not engine.enforce_eager
 
 
 def num_kv_blocks(model: ModelConfig, engine: EngineConfig, weight_bytes: int) -> int:

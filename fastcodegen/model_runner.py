@@ -24,7 +24,7 @@ class ModelRunner:
         self.device = engine_config.device
         ops = TritonOps if engine_config.backend == "triton" else TorchOps
         self.model = CodeGenModel(model_config, weights, ops(model_config, self.device))
-        num_blocks = num_kv_blocks(model_config, engine_config, _nbytes(weights))
+        num_blocks = num_kv_blocks(model_config, engine_config, weights.nbytes())
         self.kv_cache = KVCache(model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
         self.graphs: Optional[CudaGraphs] = None  # set by capture_cuda_graphs()
         self._pad_decode: Optional[Callable[[HostStep, int], HostStep]] = None
@@ -106,10 +106,3 @@ class ModelRunner:
         self._dev = None
         self.kv_cache = None
         self.model = None
-
-
-def _nbytes(weights: CodeGenWeights) -> int:
-    """Bytes the weights' tensors take."""
-    tensors = [weights.wte, weights.ln_f_weight, weights.ln_f_bias, weights.lm_head_weight, weights.lm_head_bias]
-    tensors += [t for layer in weights.layers for t in vars(layer).values()]
-    return sum(t.numel() * t.element_size() for t in tensors)

@@ -55,7 +55,7 @@ class Scheduler:
         c.max_num_seqs = config.max_num_seqs
         c.max_num_batched_tokens = config.max_num_batched_tokens
         c.max_model_len = config.max_model_len
-        c.max_samples = 2 * config.max_num_seqs
+        c.max_samples = config.max_samples
         c.watermark_blocks = max(1, num_blocks // 100)
         c.enable_prefix_caching = config.enable_prefix_caching
         c.eos_token_ids = list(eos_token_ids)

@@ -171,6 +171,12 @@ class CodeGenWeights:
     lm_head_weight: torch.Tensor  # [V, d]
     lm_head_bias: torch.Tensor  # [V]
 
+    def nbytes(self) -> int:
+        """Bytes the weights' tensors take."""
+        tensors = [self.wte, self.ln_f_weight, self.ln_f_bias, self.lm_head_weight, self.lm_head_bias]
+        tensors += [t for layer in self.layers for t in vars(layer).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @classmethod
     def from_named(cls, config: ModelConfig, named: Iterator[tuple[str, torch.Tensor]]) -> "CodeGenWeights":
         tensors = dict(named)

@@ -47,7 +47,7 @@ import tokenizers
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fastcodegen.registry import codegen_tokenizer_dir  # noqa: E402
-from fastcodegen.tokenizer import Tokenizer, _from_vocab_and_merges  # noqa: E402
+from fastcodegen.tokenizer import Tokenizer, _byte_decoder, _from_vocab_and_merges  # noqa: E402
 
 EOS = "<|endoftext|>"
 EOS_ID = 50256
@@ -180,19 +180,6 @@ def check_layout(tk: Tokenizer, added: dict[int, tuple[str, bool, bool]]) -> Non
 # --------------------------------------------------------------------------- references
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, as in OpenAI's encoder.py."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 class ReferenceBPE:
     """GPT-2's byte-level BPE in plain Python (OpenAI's encoder.py), with added tokens split out first.
 
@@ -211,7 +198,7 @@ class ReferenceBPE:
         self.added = added
         self.split = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
         self.pieces = regex.compile(self.PATTERN)
-        self.byte_chars = _bytes_to_unicode()
+        self.byte_chars = {b: c for c, b in _byte_decoder().items()}  # GPT-2's byte -> printable character
         self.cache: dict[str, list[int]] = {}
 
     def _bpe(self, word: str) -> list[int]:
