@@ -94,10 +94,11 @@ FLUSH_BYTES = 512 << 20  # read before each timed call: several times the L2 of 
 
 def in_proj_bytes(m: int, d: int, f: int, elem: int) -> int:
     """in_proj over m rows: reads x [m, d], ln weight and bias [d], w_in [3d + f, d] and b_in [3d + f];
-    writes q [m, d], k and v [m, d] each (into the cache) and g [m, f], i.e. m * (3d + f) values.
-    Not counted: positions and slots (8 bytes a row each) and the rows of the float32 cos/sin tables."""
+    writes ln(x) [m, d] and reads it back (LayerNorm runs once, before the GEMM); writes q [m, d], k and v
+    [m, d] each (into the cache) and g [m, f], i.e. m * (3d + f) values. Not counted: positions and slots
+    (8 bytes a row each), the rows of the float32 cos/sin tables, the float32 split-K partial sums."""
     n = 3 * d + f
-    return elem * (m * d + 2 * d + n * d + n + m * n)
+    return elem * (3 * m * d + 2 * d + n * d + n + m * n)
 
 
 def in_proj_flops(m: int, d: int, f: int) -> int:
@@ -348,7 +349,7 @@ def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
         args = (x, ln_w, ln_b, w_in, b_in, positions, slots, cos, sin)
 
         def ours():
-            return in_proj(*args, k_cache, v_cache, layout, eps)
+            return in_proj(*args, k_cache, v_cache, layout, eps, num_sms=bench.num_sms)
 
         def pytorch():
             return F.linear(F.layer_norm(x, (d,), ln_w, ln_b, eps), w_in, b_in)
@@ -403,7 +404,7 @@ def bench_decode_attention(bench: Bench, model: str, config: ModelConfig) -> Non
 
     for b in DECODE_BATCHES:
         # As the engine does: the split count depends on the batch and the model's limit, not the lengths.
-        splits = num_splits(b, config.n_head, config.n_positions, num_sms=bench.num_sms)
+        splits = num_splits(b, config.n_head, config.n_positions, config.head_dim, bench.elem, num_sms=bench.num_sms)
         for length in DECODE_CONTEXTS:
             _decode_case(bench, model, config, b, length, splits)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import EngineConfig, ModelConfig
+from .kernels.settings import split_k_scratch_bytes
 
 # Tokens of KV cache on the CPU when kv_cache_tokens is not set.
 CPU_DEFAULT_CONTEXTS = 4
@@ -53,13 +54,14 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     # fp32 scores, their mask and softmax for the longest prompt (the torch backend's attention)
     scores = 3 * model.n_head * engine.max_model_len * engine.max_model_len * 4
     forward = 2 * engine.max_num_batched_tokens * per_token * element + scores
+    forward += split_k_scratch_bytes(3 * d + f)  # the Triton projections' partial sums at decode steps
     # Sampled rows [S, V]: the logits in the model dtype and in float32, and the sampler's work over them
     # (scaled logits, sorted values and int64 order, cumulative sums, masks, probabilities, noise).
     sampler = engine.max_samples * v * (element + SAMPLER_BYTES_PER_LOGIT)
     graphs = 0
     if engine.uses_cuda_graphs:
         rows = engine.max_num_seqs
-        graphs = 2 * rows * per_token * element + rows * v * (element + 4)
+        graphs = 2 * rows * per_token * element + rows * v * (element + 4) + split_k_scratch_bytes(3 * d + f)
     return forward + sampler + graphs
 
 

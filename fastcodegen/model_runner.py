@@ -22,8 +22,11 @@ class ModelRunner:
         self.config = model_config
         self.engine_config = engine_config
         self.device = engine_config.device
-        ops = TritonOps if engine_config.backend == "triton" else TorchOps
-        self.model = CodeGenModel(model_config, weights, ops(model_config, self.device))
+        if engine_config.backend == "triton":
+            ops = TritonOps(model_config, self.device, engine_config.max_model_len)
+        else:
+            ops = TorchOps(model_config, self.device)
+        self.model = CodeGenModel(model_config, weights, ops)
         num_blocks = num_kv_blocks(model_config, engine_config, weights.nbytes())
         self.kv_cache = KVCache(model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
         self.graphs: Optional[CudaGraphs] = None  # set by capture_cuda_graphs()

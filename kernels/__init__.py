@@ -4,10 +4,16 @@ One file per kernel, each with its `@triton.jit` kernel, its host wrapper
 and (imported from `fastcodegen.models.torch_ops`, where the "torch" backend
 runs it) the plain PyTorch reference of the same function:
 
-    in_proj.py            LayerNorm + [q|k|v|fc_in] GEMM + rotary + paged K/V store + gelu_new
+    layer_norm.py         ln_1(x), once per step, for the input projection
+    in_proj.py            ln(x) @ [q|k|v|fc_in]^T + rotary + paged K/V store + gelu_new, split-K for decode
     prefill_attention.py  paged flash attention over ragged prompts (cached prefixes included)
     decode_attention.py   split-K paged attention for one new token per sequence, graph-safe grid
     out_proj.py           [attn | gelu_h] @ [out_proj | fc_out]^T + bias + residual, split-K for decode
+
+and what they share:
+
+    settings.py           tile plans (sized to fill the SMs in whole waves), dot precision, SM count
+    split_k.py            split-K partial sums reduced in the same launch by each tile's last program
 
 The embedding gather, the final LayerNorm and lm_head stay library calls
 (`fastcodegen/models/triton_ops.py` says why).

@@ -7,23 +7,30 @@ first kernel computes, per (sequence, head, split), the partial softmax
 statistics (max and sum of exp) and the unnormalised output of its part; the
 second combines the splits.
 
-The grid is (batch, heads, NUM_SPLITS) and NUM_SPLITS depends only on the
-batch size and the device, never on the sequences' lengths, which are read
-from device memory: a captured CUDA graph stays valid for any lengths. A
-sequence with context length 0 (a padding row of a graph's batch) gets a
-zero output. Scores and softmax in float32, scale on the float32 scores,
-probabilities rounded to the model dtype before P @ V as in prefill.
+The grid is (batch, heads, NUM_SPLITS). `num_splits` picks the fewest
+splits whose programs fill the SMs' resident slots in whole waves, from the
+batch size, the geometry and the engine's context limit, never from the
+sequences' lengths, which are read from device memory: a captured CUDA graph
+stays valid for any lengths. Each program streams 32-64 keys per tile, K and
+V together, through a software pipeline (`num_stages`); the sequence's block
+ids are read once, before the loop. A sequence with context length 0 (a
+padding row of a graph's batch) gets a zero output. Scores and softmax in
+float32, scale on the float32 scores, probabilities rounded to the model
+dtype before P @ V as in prefill.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference  # noqa: F401  (the reference)
+
+from . import settings
 
 
 @triton.jit
@@ -37,7 +44,8 @@ def _split_kernel(
     sm_scale,
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
     H: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, PAGE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TABLE_PAD: tl.constexpr,  # power of two >= the block table's width
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -49,31 +57,39 @@ def _split_kernel(
     end = tl.minimum(start + per_split, ctx)
     d = tl.arange(0, HD_PAD)
     d_ok = d < HD
-    q = tl.load(Q + b * stride_qb + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([HD_PAD], dtype=tl.float32)
+    # The query is row 0 of a 16-row operand (the smallest tl.dot takes; the other rows are zeros): as a dot,
+    # the K and V tiles go through shared memory on the software pipeline (cp.async, num_stages deep),
+    # their loads issued stages ahead of the math. The block ids are read once, before the loop, so that no
+    # K or V load waits on a load of its own iteration (which would serialise the pipeline).
+    r = tl.arange(0, 16)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * 0 + d[None, :], mask=(r[:, None] == 0) & d_ok[None, :],
+                other=0.0)  # fmt: skip
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, HD_PAD], dtype=tl.float32)
+    slots = tl.arange(0, TABLE_PAD)
+    ids = tl.load(BLOCK_TABLES + b * stride_bt + slots, mask=slots < tl.cdiv(ctx, PAGE), other=0)
     for n0 in range(start, end, BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
         k_ok = kpos < end
-        block = tl.load(BLOCK_TABLES + b * stride_bt + kpos // PAGE, mask=k_ok, other=0)
-        row = block.to(tl.int64) * stride_cb + (kpos % PAGE) * stride_cs + h * stride_ch
+        block = tl.gather(ids, tl.minimum(kpos // PAGE, TABLE_PAD - 1), axis=0)
+        row = block.to(tl.int64) * stride_cb + (kpos % PAGE) * stride_cs + h * stride_ch  # [BLOCK_N]
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1) * sm_scale  # [BLOCK_N]
-        s = tl.where(k_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        p = p.to(v.dtype).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale  # [16, BLOCK_N] float32
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     part = (b * H + h) * NUM_SPLITS + split
-    tl.store(PART_OUT + part * HD_PAD + d, acc)
-    tl.store(PART_MAX + part, m_i)
-    tl.store(PART_SUM + part, l_i)
+    row0 = r == 0
+    tl.store(PART_OUT + part * HD_PAD + r[:, None] * 0 + d[None, :], acc, mask=row0[:, None])
+    tl.store(PART_MAX + part + r * 0, m_i, mask=row0)
+    tl.store(PART_SUM + part + r * 0, l_i, mask=row0)
 
 
 @triton.jit
@@ -102,14 +118,61 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HD)
 
 
-def num_splits(batch: int, heads: int, max_context: int, block_n: int = 32, num_sms: int = 132) -> int:
-    """Splits per (sequence, head): about four programs per SM in all, at most one split per tile of context.
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Keys per tile, warps, pipeline depth and registers of the split kernel, by padded head size."""
 
-    Depends on the batch size, the head count and the model's context limit,
-    not on any sequence's length.
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread, as ptxas allocates them for sm_90 (benchmarks/kernel_report.py shows them)
+
+    @staticmethod
+    def of(head_dim_pad: int) -> "DecodeTiles":
+        # 64 keys of a head up to 128 wide or 32 of a 256-wide one: 16-32 KiB of K and V per tile.
+        if head_dim_pad <= 64:
+            return DecodeTiles(64, 4, 3, 64)
+        if head_dim_pad <= 128:
+            return DecodeTiles(64, 4, 3, 96)
+        return DecodeTiles(32, 4, 3, 120)
+
+    def shared_bytes(self, head_dim_pad: int, elem: int) -> int:
+        # num_stages - 1 buffers of a K and a V tile, and the query.
+        return ((self.num_stages - 1) * 2 * self.block_n + 16) * head_dim_pad * elem
+
+    def resident_per_sm(self, head_dim_pad: int, elem: int) -> int:
+        return settings.resident_per_sm(self.shared_bytes(head_dim_pad, elem), self.num_warps, self.registers)
+
+
+def num_splits(
+    batch: int, heads: int, max_context: int, head_dim: int = 128, elem: int = 2,
+    num_sms: int = settings.DEFAULT_NUM_SMS,
+) -> int:  # fmt: skip
+    """Splits per (sequence, head): enough programs to occupy every resident slot, in whole waves.
+
+    Depends on the batch size, the geometry and the engine's context limit
+    (`max_model_len`: never more splits than tiles of it), not on any
+    sequence's length, so a captured CUDA graph stays valid. The fewest
+    splits whose programs fill at least MIN_LAST_WAVE_FILL of the SMs'
+    resident slots and keep `settings.fills_waves`: attention streams the
+    cache, and a program in every slot keeps the most loads in flight. When
+    the context limit allows too few, the most that keep the rule.
     """
-    want = triton.cdiv(4 * num_sms, batch * heads)
-    return max(1, min(want, triton.cdiv(max_context, block_n), 64))
+    hd_pad = _head_dim_pad(head_dim)
+    tiles = DecodeTiles.of(hd_pad)
+    slots = num_sms * tiles.resident_per_sm(hd_pad, elem)
+    most = max(1, min(triton.cdiv(max_context, tiles.block_n), 64))
+    keeping_rule = [s for s in range(1, most + 1) if settings.fills_waves(batch * heads * s, slots, num_sms)]
+    for splits in keeping_rule:
+        if batch * heads * splits >= settings.MIN_LAST_WAVE_FILL * slots:
+            return splits
+    if keeping_rule:
+        return keeping_rule[-1]
+    return max(range(1, most + 1), key=lambda s: settings.wave_fill(batch * heads * s, slots, num_sms)[1])
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def decode_attention(
@@ -128,8 +191,8 @@ def decode_attention(
     """
     b, h, hd = q.shape
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
-    hd_pad = max(16, triton.next_power_of_2(hd))
-    block_n = 32 if hd_pad <= 128 else 16
+    hd_pad = _head_dim_pad(hd)
+    tiles = DecodeTiles.of(hd_pad)
     part_out = torch.empty((b, h, splits, hd_pad), device=q.device, dtype=torch.float32)
     part_max = torch.empty((b, h, splits), device=q.device, dtype=torch.float32)
     part_sum = torch.empty((b, h, splits), device=q.device, dtype=torch.float32)
@@ -138,8 +201,9 @@ def decode_attention(
     _split_kernel[(b, h, splits)](
         q, k_cache, v_cache, part_out, part_max, part_sum, block_tables, context_lens, 1.0 / math.sqrt(hd),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        H=h, HD=hd, HD_PAD=hd_pad, PAGE=k_cache.shape[1], NUM_SPLITS=splits, BLOCK_N=block_n,
-        num_warps=4 if hd_pad <= 128 else 8,
+        H=h, HD=hd, HD_PAD=hd_pad, PAGE=k_cache.shape[1], NUM_SPLITS=splits, BLOCK_N=tiles.block_n,
+        DOT_PRECISION=settings.dot_precision(q.dtype), TABLE_PAD=triton.next_power_of_2(block_tables.shape[1]),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     _combine_kernel[(b, h)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1),

@@ -11,8 +11,11 @@ KP | V | M]. The grid has two kinds of column tiles:
 * plain tiles over QP|KP|V|M: q pass-through dims, k and v straight into the
   paged cache, fc_in's bias and gelu_new.
 
-Each program first computes its rows' LayerNorm statistics (float32), then
-normalises x tiles on the fly as it loads them: ln(x) is never written out.
+LayerNorm runs first, once per step (`layer_norm.py` writes ln_1(x) in the
+model dtype), so the projection is a pure GEMM whose epilogue does the rest;
+recomputing the row statistics in every column tile would read x once per
+tile and stall each tile's main loop. Decode steps split K (`split_k.py`)
+when the column tiles alone would leave SMs idle (`settings.gemm_plan`).
 Keys and values go to the cache slot of their token (`slot_mapping`; -1
 writes nothing, which makes padded rows free).
 
@@ -23,12 +26,19 @@ the same cos/sin table; gelu in float32 on the rounded pre-activation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from fastcodegen.models.torch_ops import in_proj as in_proj_reference  # noqa: F401  (the reference)
 from fastcodegen.weights import InProjLayout
+
+from . import settings
+from .layer_norm import layer_norm
+from .split_k import reduce_split_k
+from .split_k import scratch as split_k_scratch
 
 
 @triton.jit
@@ -40,82 +50,52 @@ def _gelu_new(x):
 
 
 @triton.jit
-def _ln_tile(X, LN_W, LN_B, rows, row_ok, mean, rstd, k0, K, stride_xm, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """ln(x)[rows, k0:k0+BLOCK_K] in the model dtype, zero outside the matrix."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    mask = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(LN_W + ks, mask=k_ok, other=0.0).to(tl.float32)
-    b = tl.load(LN_B + ks, mask=k_ok, other=0.0).to(tl.float32)
-    xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-    return tl.where(mask, xn, 0.0).to(OUT_DTYPE)
+def _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K: tl.constexpr):
+    """w_in[cols, ks] as a [BLOCK_K, BLOCK_N] operand."""
+    if EVEN_K:
+        mask = col_ok[None, :]
+    else:
+        mask = col_ok[None, :] & k_ok[:, None]
+    return tl.load(W + cols[None, :] * stride_wn + ks[:, None], mask=mask, other=0.0)
 
 
 @triton.jit
-def _w_tile(W, cols, col_ok, k0, K, stride_wn, BLOCK_K: tl.constexpr):
-    """w_in[cols, k0:k0+BLOCK_K] as a [BLOCK_K, BLOCK_N] operand."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(W + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks < K)[:, None], other=0.0)
-
-
-@triton.jit
-def _in_proj_kernel(
-    X,  # [M, K] hidden states, row stride stride_xm
-    LN_W, LN_B,  # [K] ln_1 weight and bias
-    W,  # [N, K] w_in in InProjLayout order, row stride stride_wn; N = 3K + F
-    BIAS,  # [N] b_in
-    POS,  # [M] int64 token positions
-    SLOTS,  # [M] int64 KV cache slot of each token; -1: store nothing
-    COS, SIN,  # [max_positions, HALF] float32
-    Q_OUT,  # [M, H * HD] rotated q, row stride stride_qm
-    G_OUT,  # [M, F] gelu(fc_in(ln(x))), row stride stride_gm
-    K_CACHE, V_CACHE,  # [slots, H, HD]: slot stride stride_cs, head stride stride_ch, dims contiguous
-    M, K, eps,
-    stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
-    H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr, F: tl.constexpr,
-    ROT_TILES: tl.constexpr,  # column tiles over Q1|K1; the rest are plain tiles
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _rotary_tile(
+    LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS,
+    M, K, rows, row_ok, tile, pid_n, split,
+    stride_xm, stride_wn, stride_qm, stride_cs, stride_ch,
+    H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """A Q1|K1 tile: BLOCK_N / 2 columns and their partners, rotated together; q out, k to the cache."""
     dtype = Q_OUT.dtype.element_ty
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-
-    # LayerNorm statistics of this tile's rows (two passes: exact mean, then variance).
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-        total += tl.sum(x.to(tl.float32), axis=1)
-    mean = total / K
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        total += tl.sum(centred * centred, axis=1)
-    rstd = 1.0 / tl.sqrt(total / K + eps)
-
-    slot = tl.load(SLOTS + rows, mask=row_ok, other=-1)
-    store_row = row_ok & (slot >= 0)
     ROT_WIDTH: tl.constexpr = H * HALF  # columns of Q1 (and of K1)
     PARTNER: tl.constexpr = 2 * ROT_WIDTH  # Q1|K1 column c pairs with column c + PARTNER
-
-    if pid_n < ROT_TILES:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # in Q1|K1
-        col_ok = cols < PARTNER
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = _ln_tile(X, LN_W, LN_B, rows, row_ok, mean, rstd, k0, K, stride_xm, BLOCK_K, dtype)
-            acc1 = tl.dot(a, _w_tile(W, cols, col_ok, k0, K, stride_wn, BLOCK_K), acc1, input_precision=DOT_PRECISION)
-            acc2 = tl.dot(
-                a, _w_tile(W, cols + PARTNER, col_ok, k0, K, stride_wn, BLOCK_K), acc2, input_precision=DOT_PRECISION
-            )
+    ROT_N: tl.constexpr = BLOCK_N // 2
+    cols = pid_n * ROT_N + tl.arange(0, ROT_N)  # in Q1|K1
+    col_ok = cols < PARTNER
+    a_ptr = LN_X + rows[:, None].to(tl.int64) * stride_xm
+    acc1 = tl.zeros([BLOCK_M, ROT_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, ROT_N], dtype=tl.float32)
+    for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
+        w1 = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
+        w2 = _w_tile(W, cols + PARTNER, col_ok, ks, k_ok, stride_wn, EVEN_K)
+        acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+    last = True
+    if SPLIT_K > 1:
+        # Both halves of the rotary pairs reduce as one [BLOCK_M, BLOCK_N] tile (interleaved).
+        both = tl.join(acc1, acc2).reshape(BLOCK_M, BLOCK_N)
+        mask = (row_ok[:, None] & col_ok[None, :]).to(tl.int8)
+        mask = tl.join(mask, mask).reshape(BLOCK_M, BLOCK_N) != 0
+        both, last = reduce_split_k(both, PARTIAL, COUNTERS, tile, split, mask, BLOCK_M, BLOCK_N, SPLIT_K)
+        acc1, acc2 = tl.split(both.reshape(BLOCK_M, ROT_N, 2))
+    if last:
         acc1 += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc2 += tl.load(BIAS + cols + PARTNER, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x1 = acc1.to(dtype).to(tl.float32)
@@ -133,6 +113,8 @@ def _in_proj_kernel(
         out1 = (x1 * cos - x2 * sin).to(dtype)
         out2 = (x2 * cos + x1 * sin).to(dtype)
 
+        slot = tl.load(SLOTS + rows, mask=row_ok, other=-1)
+        store_row = row_ok & (slot >= 0)
         dim = head * HD + j
         q_mask = row_ok[:, None] & (col_ok & ~is_k)[None, :]
         q_ptr = Q_OUT + rows[:, None] * stride_qm + dim[None, :]
@@ -142,20 +124,43 @@ def _in_proj_kernel(
         k_ptr = K_CACHE + slot[:, None] * stride_cs + (head * stride_ch + j)[None, :]
         tl.store(k_ptr, out1, mask=k_mask)
         tl.store(k_ptr + HALF, out2, mask=k_mask)
-    else:
-        QP: tl.constexpr = 2 * PARTNER  # start of the plain columns
-        KP: tl.constexpr = QP + H * PASS
-        V0: tl.constexpr = KP + H * PASS
-        M0: tl.constexpr = V0 + H * HD
-        cols = QP + (pid_n - ROT_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < M0 + F
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = _ln_tile(X, LN_W, LN_B, rows, row_ok, mean, rstd, k0, K, stride_xm, BLOCK_K, dtype)
-            acc = tl.dot(a, _w_tile(W, cols, col_ok, k0, K, stride_wn, BLOCK_K), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _plain_tile(
+    LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS,
+    M, K, rows, row_ok, tile, plain_n, split,
+    stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
+    H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr, F: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """A QP|KP|V|M tile: q pass-through dims, k and v to the cache, fc_in's bias and gelu_new."""
+    dtype = Q_OUT.dtype.element_ty
+    QP: tl.constexpr = 4 * H * HALF  # start of the plain columns, past Q1|K1|Q2|K2
+    KP: tl.constexpr = QP + H * PASS
+    V0: tl.constexpr = KP + H * PASS
+    M0: tl.constexpr = V0 + H * HD
+    cols = QP + plain_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < M0 + F
+    a_ptr = LN_X + rows[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
+        w = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    last = True
+    if SPLIT_K > 1:
+        mask = row_ok[:, None] & col_ok[None, :]
+        acc, last = reduce_split_k(acc, PARTIAL, COUNTERS, tile, split, mask, BLOCK_M, BLOCK_N, SPLIT_K)
+    if last:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(dtype)
-
+        slot = tl.load(SLOTS + rows, mask=row_ok, other=-1)
+        store_row = row_ok & (slot >= 0)
         if PASS > 0:
             in_qp = cols < KP
             in_kp = (cols >= KP) & (cols < V0)
@@ -173,13 +178,46 @@ def _in_proj_kernel(
         tl.store(G_OUT + rows[:, None] * stride_gm + (cols - M0)[None, :], g, mask=row_ok[:, None] & in_m[None, :])
 
 
-def _blocks(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by the number of rows: decode steps have few."""
-    if m <= 16:
-        return 16, 64, 128, 4
-    if m <= 64:
-        return 32, 64, 64, 4
-    return 64, 128, 32, 8
+@triton.jit
+def _in_proj_kernel(
+    LN_X,  # [M, K] ln_1(x) in the model dtype, row stride stride_xm
+    W,  # [N, K] w_in in InProjLayout order, row stride stride_wn; N = 3K + F
+    BIAS,  # [N] b_in
+    POS,  # [M] int64 token positions
+    SLOTS,  # [M] int64 KV cache slot of each token; -1: store nothing
+    COS, SIN,  # [max_positions, HALF] float32
+    Q_OUT,  # [M, H * HD] rotated q, row stride stride_qm
+    G_OUT,  # [M, F] gelu(fc_in(ln(x))), row stride stride_gm
+    K_CACHE, V_CACHE,  # [slots, H, HD]: slot stride stride_cs, head stride stride_ch, dims contiguous
+    PARTIAL, COUNTERS,  # split-K scratch (split_k.py); unused when SPLIT_K == 1
+    M, K,
+    stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
+    H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr, F: tl.constexpr,
+    ROT_TILES: tl.constexpr,  # column tiles over Q1|K1 (BLOCK_N / 2 columns and their partners each)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no K masks
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    tile = pid_m * tl.num_programs(1) + pid_n
+    if pid_n < ROT_TILES:
+        _rotary_tile(
+            LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS,
+            M, K, rows, row_ok, tile, pid_n, split,
+            stride_xm, stride_wn, stride_qm, stride_cs, stride_ch,
+            H, HD, HALF, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        _plain_tile(
+            LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS,
+            M, K, rows, row_ok, tile, pid_n - ROT_TILES, split,
+            stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
+            H, HD, HALF, PASS, F, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION,
+        )  # fmt: skip
 
 
 def in_proj(
@@ -198,10 +236,17 @@ def in_proj(
     eps: float,
     q_out: torch.Tensor | None = None,
     g_out: torch.Tensor | None = None,
+    ln_out: torch.Tensor | None = None,
+    split_k: int | None = None,
+    counters: torch.Tensor | None = None,
+    num_sms: int = settings.DEFAULT_NUM_SMS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel with `in_proj_reference`'s signature and results: (q [T, d], g [T, f]); writes k, v to the caches.
+    """The kernels with `in_proj_reference`'s signature and results: (q [T, d], g [T, f]); writes k, v to the caches.
 
-    q_out [T, d] and g_out [T, f], when given, receive the results (persistent buffers).
+    q_out [T, d], g_out [T, f] and ln_out [T, d] (ln_1(x)), when given,
+    receive the results (persistent buffers). The plan is made for `num_sms`
+    SMs; `split_k` overrides its number of K splits; `counters` is split-K's
+    zeroed arrival counters, kept between launches (`split_k.py`).
     """
     m, k = x.shape
     h, hd, half, f = layout.n_head, layout.head_dim, layout.half, layout.n_inner
@@ -211,17 +256,27 @@ def in_proj(
     q = torch.empty((m, h * hd), device=x.device, dtype=x.dtype) if q_out is None else q_out
     g = torch.empty((m, f), device=x.device, dtype=x.dtype) if g_out is None else g_out
     assert q.shape == (m, h * hd) and g.shape == (m, f) and q.stride(1) == g.stride(1) == 1
-    block_m, block_n, block_k, warps = _blocks(m)
-    rot_tiles = triton.cdiv(2 * layout.rotary_width, block_n)
-    plain_tiles = triton.cdiv(layout.width - 2 * layout.rotary_partner, block_n)
-    grid = (triton.cdiv(m, block_m), rot_tiles + plain_tiles)
+    if m == 0:
+        return q, g
+    ln_x = layer_norm(x, ln_weight, ln_bias, eps, out=ln_out)
+    rot_columns, plain_columns = 2 * layout.rotary_width, layout.width - 2 * layout.rotary_partner
+
+    def column_tiles(block_n: int) -> int:
+        return triton.cdiv(rot_columns, block_n // 2) + triton.cdiv(plain_columns, block_n)
+
+    plan = settings.gemm_plan(m, k, column_tiles, x.element_size(), num_sms)
+    if split_k is not None:
+        plan = dataclasses.replace(plan, split_k=split_k)
+    rot_tiles = triton.cdiv(rot_columns, plan.block_n // 2)
+    grid = (triton.cdiv(m, plan.block_m), column_tiles(plan.block_n), plan.split_k)
+    partial, counters = split_k_scratch(grid[0] * grid[1], plan, x.device, counters)
     _in_proj_kernel[grid](
-        x, ln_weight, ln_bias, w_in, b_in, positions, slot_mapping, cos, sin, q, g, k_cache, v_cache,
-        m, k, eps,
-        x.stride(0), w_in.stride(0), q.stride(0), g.stride(0), k_cache.stride(1), k_cache.stride(2),
+        ln_x, w_in, b_in, positions, slot_mapping, cos, sin, q, g, k_cache, v_cache, partial, counters,
+        m, k,
+        ln_x.stride(0), w_in.stride(0), q.stride(0), g.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=h, HD=hd, HALF=half, PASS=layout.pass_dim, F=f, ROT_TILES=rot_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=warps,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
+        EVEN_K=k % (plan.block_k * plan.split_k) == 0, DOT_PRECISION=settings.dot_precision(x.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return q, g

@@ -8,10 +8,10 @@ read from their own buffers (no concatenated copy): the K loop runs over
 attn's columns, then over gelu_h's.
 
 Decode steps have a handful of rows and N = d columns: too few output tiles
-to keep every SM busy while streaming the weight. With SPLIT_K > 1 each
-program takes every SPLIT_K-th slice of K and writes a float32 partial sum;
-a second kernel adds the partials in a fixed order (deterministic, no
-atomics) and applies the epilogue.
+to keep every SM busy while streaming the weight. `settings.gemm_plan` then
+splits K; the last program of each tile adds the float32 partials in a fixed
+order (deterministic, no float atomics) and applies the epilogue, in the
+same launch (`split_k.py`).
 
 Rounding follows the reference `fastcodegen.models.torch_ops.out_proj`: the
 GEMM plus bias is rounded to the model dtype, then the residual is added.
@@ -19,33 +19,37 @@ GEMM plus bias is rounded to the model dtype, then the residual is added.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from fastcodegen.models.torch_ops import out_proj as out_proj_reference  # noqa: F401  (the reference)
 
+from . import settings
+from .split_k import reduce_split_k
+from .split_k import scratch as split_k_scratch
+
 
 @triton.jit
 def _accumulate(acc, A, W, rows, row_ok, cols, col_ok, k_first, K, stride_am, stride_wn,
-                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):  # fmt: skip
     """acc += A[rows, k] @ W[cols, k]^T over the K slices k_first, k_first + SPLIT_K, ..."""
+    a_ptr = A + rows[:, None].to(tl.int64) * stride_am
+    w_ptr = W + cols[None, :] * stride_wn
     for k0 in range(k_first * BLOCK_K, K, SPLIT_K * BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptr + ks[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptr + ks[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < K
+            a = tl.load(a_ptr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _epilogue(acc, BIAS, RES, OUT, rows, row_ok, cols, col_ok, stride_rm, stride_om):
-    mask = row_ok[:, None] & col_ok[None, :]
-    dtype = OUT.dtype.element_ty
-    y = (acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
-    r = tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], (y + r).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -56,10 +60,11 @@ def _out_proj_kernel(
     BIAS,  # [N] fc_out bias
     RES,  # [M, N] residual, row stride stride_rm
     OUT,  # [M, N], row stride stride_om
-    PARTIAL,  # [SPLIT_K, M, N] float32 partial sums (used when SPLIT_K > 1)
+    PARTIAL, COUNTERS,  # split-K scratch (split_k.py); unused when SPLIT_K == 1
     M, N, K1, K2,
     stride_a1, stride_a2, stride_wn, stride_rm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K1 and K2 are multiples of BLOCK_K * SPLIT_K: no K masks
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -69,49 +74,21 @@ def _out_proj_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _accumulate(acc, A1, W, rows, row_ok, cols, col_ok, split, K1, stride_a1, stride_wn,
-                      BLOCK_K, SPLIT_K, DOT_PRECISION)  # fmt: skip
-    acc = _accumulate(acc, A2, W + K1, rows, row_ok, cols, col_ok, split, K2, stride_a2, stride_wn,
-                      BLOCK_K, SPLIT_K, DOT_PRECISION)  # fmt: skip
-    if SPLIT_K == 1:
-        _epilogue(acc, BIAS, RES, OUT, rows, row_ok, cols, col_ok, stride_rm, stride_om)
-    else:
-        ptr = PARTIAL + (split * M + rows)[:, None] * N + cols[None, :]
-        tl.store(ptr, acc, mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _split_k_reduce_kernel(
-    PARTIAL,  # [SPLIT_K, M, N] float32
-    BIAS, RES, OUT,  # as in _out_proj_kernel
-    M, N, stride_rm, stride_om,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLIT_K):  # a fixed order: the same sum every run
-        acc += tl.load(PARTIAL + (s * M + rows)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    _epilogue(acc, BIAS, RES, OUT, rows, row_ok, cols, col_ok, stride_rm, stride_om)
-
-
-def _plan(m: int, n: int, k: int, num_sms: int = 132) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps). Split K when output tiles alone fill under two waves."""
-    if m <= 16:
-        block_m, block_n, block_k, warps = 16, 64, 128, 4
-    elif m <= 64:
-        block_m, block_n, block_k, warps = 32, 64, 64, 4
-    else:
-        block_m, block_n, block_k, warps = 64, 128, 32, 8
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = 1
-    while tiles * split_k < 2 * num_sms and split_k < 16 and triton.cdiv(k, block_k) >= 4 * split_k:
-        split_k *= 2
-    return block_m, block_n, block_k, split_k, warps
+    acc = _accumulate(acc, A1, W, rows, row_ok, cols, col_ok, split, K1, stride_a1, stride_wn,
+                      BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
+    acc = _accumulate(acc, A2, W + K1, rows, row_ok, cols, col_ok, split, K2, stride_a2, stride_wn,
+                      BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
+    last = True
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        acc, last = reduce_split_k(acc, PARTIAL, COUNTERS, tile, split, mask, BLOCK_M, BLOCK_N, SPLIT_K)
+    if last:
+        dtype = OUT.dtype.element_ty
+        y = (acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+        r = tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + rows[:, None] * stride_om + cols[None, :], (y + r).to(dtype), mask=mask)
 
 
 def out_proj(
@@ -122,11 +99,14 @@ def out_proj(
     residual: torch.Tensor,
     split_k: int | None = None,
     out: torch.Tensor | None = None,
-    num_sms: int = 132,
+    counters: torch.Tensor | None = None,
+    num_sms: int = settings.DEFAULT_NUM_SMS,
 ) -> torch.Tensor:
     """The kernel with `out_proj_reference`'s signature: returns [T, d] (into `out` if given).
 
-    `split_k` overrides the number of K splits planned for `num_sms` SMs.
+    The plan is made for `num_sms` SMs; `split_k` overrides its number of K
+    splits; `counters` is split-K's zeroed arrival counters, kept between
+    launches (`split_k.py`).
     """
     m, k1 = a.shape
     k2 = g.shape[1]
@@ -134,20 +114,19 @@ def out_proj(
     assert w_out.shape[1] == k1 + k2 and a.stride(1) == g.stride(1) == w_out.stride(1) == residual.stride(1) == 1
     out = torch.empty((m, n), device=a.device, dtype=a.dtype) if out is None else out
     assert out.shape == (m, n) and out.stride(1) == 1
-    block_m, block_n, block_k, planned, warps = _plan(m, n, k1 + k2, num_sms)
-    split = planned if split_k is None else split_k
-    partial = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else out
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    if m == 0:
+        return out
+    plan = settings.gemm_plan(m, k1 + k2, lambda block_n: triton.cdiv(n, block_n), a.element_size(), num_sms)
+    if split_k is not None:
+        plan = dataclasses.replace(plan, split_k=split_k)
+    grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), plan.split_k)
+    partial, counters = split_k_scratch(grid[0] * grid[1], plan, a.device, counters)
+    step = plan.block_k * plan.split_k
     _out_proj_kernel[grid](
-        a, g, w_out, b_out, residual, out, partial, m, n, k1, k2,
+        a, g, w_out, b_out, residual, out, partial, counters, m, n, k1, k2,
         a.stride(0), g.stride(0), w_out.stride(0), residual.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=warps,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
+        EVEN_K=k1 % step == 0 and k2 % step == 0, DOT_PRECISION=settings.dot_precision(a.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
-    if split > 1:
-        _split_k_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 128))](
-            partial, b_out, residual, out, m, n, residual.stride(0), out.stride(0),
-            SPLIT_K=split, BLOCK_M=16, BLOCK_N=128,
-        )  # fmt: skip
     return out

@@ -40,10 +40,13 @@ def _cache(context_lens, head_dim, dtype, gen):
 
 # (query_len, context_len) per sequence: a plain prompt, a prompt after a
 # 23-token cached prefix, a one-token prompt, prompts crossing block and
-# query-tile boundaries, a chunk of a prompt in the middle of its context.
+# query-tile boundaries, a chunk of a prompt in the middle of its context,
+# a chunk over several query tiles whose later tiles see whole key tiles
+# before their diagonal (the unmasked loop).
 PREFILL_BATCHES = {
     "mixed": [(5, 5), (17, 40), (1, 1), (33, 33), (16, 16)],
     "long-prefix": [(3, 70), (64, 64)],
+    "query-tiles": [(150, 170), (2, 2)],
     "single": [(1, 1)],
 }
 
@@ -74,14 +77,14 @@ def test_prefill_attention_matches_reference(batch, head_dim, dtype, fresh_seed)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed):
     g = torch.Generator().manual_seed(fresh_seed)
-    # Contexts of 1 token, exactly one block, one past it, several blocks; the
-    # last row is a padding row (context 0), as in a CUDA graph's batch.
-    ctx = [1, 16, 17, 50, 0]
+    # Contexts of 1 token, exactly one block, one past it, several blocks and
+    # key tiles; the last row is a padding row (context 0), as in a CUDA graph's batch.
+    ctx = [1, 16, 17, 150, 0]
     k_cache, v_cache, tables = _cache(ctx, head_dim, dtype, g)
     dev = KERNEL_DEVICE
     b = len(ctx)
     if splits == "planned":
-        splits = num_splits(b, N_HEAD, 2048)
+        splits = num_splits(b, N_HEAD, 2048, head_dim)
     q = torch.randn(b, N_HEAD, head_dim, generator=g).to(dev, dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
     out = torch.full_like(q, float("nan"))
@@ -110,7 +113,7 @@ def test_decode_equals_prefill_of_one_token(fresh_seed):
 
 def test_num_splits_ignores_lengths():
     # A graph captured for a batch size keeps its grid: only batch, heads and the limit matter.
-    assert num_splits(1, 16, 2048) == num_splits(1, 16, 2048, block_n=32)
-    assert num_splits(1, 16, 2048) > 1  # a single sequence is spread over the SMs
-    assert num_splits(256, 24, 2048) == 1  # a large batch fills them already
-    assert num_splits(1, 16, 20) == 1  # never more splits than tiles of context
+    for head_dim in (64, 80, 256):
+        assert num_splits(1, 16, 2048, head_dim) > 1  # a single sequence is spread over the SMs
+        assert num_splits(256, 24, 2048, head_dim) == 1  # a large batch fills them already
+        assert num_splits(1, 16, 20, head_dim) == 1  # never more splits than tiles of context

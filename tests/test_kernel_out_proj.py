@@ -39,3 +39,16 @@ def test_split_k_is_deterministic(fresh_seed):
     w, b = torch.randn(64, 320, generator=g).to(dev), torch.randn(64, generator=g).to(dev)
     runs = [out_proj(a, h, w, b, r, split_k=4) for _ in range(3)]
     assert all(torch.equal(runs[0], x) for x in runs[1:])
+
+
+def test_split_k_counters_are_left_zero_for_the_next_launch(fresh_seed):
+    """Persistent counters (as a captured CUDA graph replays them): each launch finds them zeroed."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    dev = KERNEL_DEVICE
+    a, h, r = (torch.randn(5, n, generator=g).to(dev) for n in (96, 384, 96))
+    w, b = (torch.randn(96, 480, generator=g) * 480**-0.5).to(dev), torch.randn(96, generator=g).to(dev)
+    counters = torch.zeros(16, device=dev, dtype=torch.int32)
+    expect = out_proj_reference(a, h, w, b, r)
+    for _ in range(2):
+        torch.testing.assert_close(out_proj(a, h, w, b, r, split_k=3, counters=counters), expect, **KERNEL_TOL[a.dtype])
+        assert not counters.any()

@@ -28,7 +28,7 @@ def _rand(gen, *shape, dtype, scale=1.0, shift=0.0):
     return (torch.randn(*shape, generator=gen, device="cuda") * scale + shift).to(dtype)
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("tokens", [1, 8, 64, 300])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
@@ -64,7 +64,7 @@ def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
         torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num(), **KERNEL_TOL[dtype])
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("tokens", [1, 8, 64, 300])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
@@ -76,6 +76,35 @@ def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
     a, h, r = _rand(g, tokens, d, dtype=dtype), _rand(g, tokens, f, dtype=dtype), _rand(g, tokens, d, dtype=dtype)
     w, b = _rand(g, d, d + f, dtype=dtype, scale=(d + f) ** -0.5), _rand(g, d, dtype=dtype, scale=0.1)
     torch.testing.assert_close(out_proj(a, h, w, b, r), out_proj_reference(a, h, w, b, r), **KERNEL_TOL[dtype])
+
+
+@pytest.mark.parametrize("size", ["350M", "16B"])
+def test_split_k_in_a_cuda_graph_is_exact_and_deterministic(size, fresh_seed):
+    """Split-K reduced in the launch, replayed from a graph with persistent counters: each replay equals the
+    reference for its new inputs, repeated replays are bitwise equal, and the counters end zeroed."""
+    from fastcodegen.kernels.out_proj import out_proj, out_proj_reference
+
+    c = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    d, f, dtype = c.n_embd, c.n_inner, torch.float16
+    a, h, r = _rand(g, 1, d, dtype=dtype), _rand(g, 1, f, dtype=dtype), _rand(g, 1, d, dtype=dtype)
+    w, b = _rand(g, d, d + f, dtype=dtype, scale=(d + f) ** -0.5), _rand(g, d, dtype=dtype, scale=0.1)
+    counters = torch.zeros(4096, device="cuda", dtype=torch.int32)
+    out = torch.empty(1, d, device="cuda", dtype=dtype)
+    out_proj(a, h, w, b, r, out=out, counters=counters)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_proj(a, h, w, b, r, out=out, counters=counters)
+    for _ in range(3):
+        for t in (a, h, r):
+            t.copy_(_rand(g, *t.shape, dtype=dtype))
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+        torch.testing.assert_close(out, out_proj_reference(a, h, w, b, r), **KERNEL_TOL[dtype])
+        assert not counters.any()
 
 
 def _paged(ctx, c, dtype, g, seed):
@@ -121,8 +150,9 @@ def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
     q = _rand(g, batch + pad, c.n_head, c.head_dim, dtype=dtype)
     lens = torch.tensor(ctx + [0] * pad, dtype=torch.int32, device="cuda")
     splits = num_splits(
-        batch + pad, c.n_head, c.n_positions, num_sms=torch.cuda.get_device_properties(0).multi_processor_count
-    )
+        batch + pad, c.n_head, c.n_positions, c.head_dim, q.element_size(),
+        num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+    )  # fmt: skip
     out = torch.full_like(q, float("nan"))
     got = decode_attention(q, k, v, tables, lens, splits, out=out)
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")

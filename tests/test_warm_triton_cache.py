@@ -1,7 +1,7 @@
 """The launches `tools/warm_triton_cache.py` compiles ahead of time are the ones the engine makes.
 
 The tool itself runs with a GPU machine's Triton (3.6, Python 3.12); here
-the enumeration it drives (`tests/kernel_compile.py`) is checked against the
+the enumeration it drives (`benchmarks/kernel_launches.py`) is checked against the
 engine: its settings and buckets, what a real engine step launches, and the
 tool's handling of a cache directory (relocation, pruning, the report of
 what a run added).
@@ -24,9 +24,9 @@ from fastcodegen import SamplingParams
 from fastcodegen.config import EngineConfig
 from fastcodegen.cuda_graphs import default_buckets
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-import kernel_compile as kc  # noqa: E402
+import kernel_launches as kc  # noqa: E402
 import warm_triton_cache as wtc  # noqa: E402
 
 # max_num_seqs of the engines the GPU tests and benchmarks build (test_cuda_graphs, suite's decode runs).

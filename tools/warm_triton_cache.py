@@ -17,7 +17,7 @@ PTXAS_OPTIONS, TRITON_DEBUG, TRITON_DEFAULT_FP_FUSION, ...) and the
 cache-invalidating environment variables that are set. So the tool runs the
 GPU machine's Triton and Python minor: triton 3.6.0 (the PyPI wheel) on
 Python 3.12, with torch 2.11.0 (its CUDA wheel imports without a GPU). It
-drives every engine step of `tests/kernel_compile.py`'s `warm_plan` (the
+drives every engine step of `benchmarks/kernel_launches.py`'s `warm_plan` (the
 same calls `TritonOps` makes, on meta tensors) through Triton's own JIT,
 with a stand-in for the CUDA driver that reports an sm_90 device and
 launches nothing: the keys are Triton's, computed by Triton.
@@ -154,8 +154,8 @@ def describe_entry(entry: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _import_kernel_compile() -> Any:
-    """tests/kernel_compile.py, importable where fastcodegen is not installed (its native extension is built
+def _import_kernel_launches() -> Any:
+    """benchmarks/kernel_launches.py, importable where fastcodegen is not installed (its native extension is built
     for another Python): its pure-Python modules then load from the repository, `kernels/` as
     `fastcodegen.kernels`, without running the package's __init__."""
     import types
@@ -169,10 +169,10 @@ def _import_kernel_compile() -> Any:
             module = types.ModuleType(name)
             module.__path__ = [str(path)]
             sys.modules[name] = module
-    sys.path.insert(0, str(ROOT / "tests"))
-    import kernel_compile
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_launches
 
-    return kernel_compile
+    return kernel_launches
 
 
 def _stub_libcuda(where: Path) -> Path:
@@ -334,7 +334,7 @@ def drive(plan: list, label: list[str], seen: list[Compiled], progress: bool) ->
             state = "hit " if cache_hit else f"{seconds:5.1f}s"
             print(f"[{len(seen):4d}] {state} {src.fn.__name__:<24} {label[0]}", file=sys.stderr, flush=True)
 
-    kc = _import_kernel_compile()
+    kc = _import_kernel_launches()
     knobs.compilation.listener = listener
     try:
         for shape, steps in plan:
@@ -349,7 +349,7 @@ def drive(plan: list, label: list[str], seen: list[Compiled], progress: bool) ->
 def _plan(args: argparse.Namespace) -> list:
     import torch
 
-    kc = _import_kernel_compile()
+    kc = _import_kernel_launches()
     return kc.warm_plan(
         models=args.models, dtypes=[getattr(torch, d) for d in args.dtypes], test_shapes=not args.no_test_shapes
     )
@@ -473,7 +473,7 @@ def _fingerprint_subprocess() -> dict:
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     """Prints `_fingerprint` as JSON."""
     _check_versions()
-    print(json.dumps(_fingerprint(_import_kernel_compile())))
+    print(json.dumps(_fingerprint(_import_kernel_launches())))
     return 0
 
 

@@ -1,41 +1,27 @@
-"""Every kernel launch the engine makes, enumerated without a GPU; and compiled ahead of time for one.
+"""Every kernel launch the engine makes, enumerated without a GPU.
 
-    python tests/kernel_compile.py [--arch 90] [--json]
+Runs engine steps through the "triton" backend's operations (`TritonOps`:
+in_proj, attention, out_proj, exactly as the model calls them) on meta
+tensors (shapes, no data) at the real shapes of codegen-350M, 2B, 6B and 16B
+and at the tests' tiny shapes, and records the kernel launches instead of
+running them: the kernel, its grid, its arguments, and the specialisation
+Triton's JIT would compile for them (`signature`, `specialization_key`).
 
-Triton's interpreter accepts code the compiler rejects (a `tl.dot` operand
-under 16 wide, mismatched loop-carried types, ...). This script runs engine
-steps through the "triton" backend's operations (`TritonOps`: in_proj,
-attention, out_proj, exactly as the model calls them) on meta tensors
-(shapes, no data) at the real shapes of codegen-350M, 2B, 6B and 16B,
-records the kernel launches instead of running them, and compiles each
-distinct one ahead of time to a cubin for the given architecture (sm_90:
-H100/H200) with Triton's compiler and ptxas. It prints one line per launch
-with registers, spills and shared memory (from `cuobjdump -res-usage`) and
-exits non-zero if any launch fails to compile. Run in its own process: the
-kernels must be real `triton.jit` functions, not interpreted ones.
-
-The enumeration (`engine_shapes`, `engine_steps`, `run_step`,
-`record_launches`) is shared: `tools/warm_triton_cache.py` drives the same
-steps through Triton's JIT to fill a kernel cache for a GPU machine.
+Two tools build on it: `benchmarks/kernel_report.py` compiles each launch
+ahead of time for sm_90 and predicts what it costs on an H200, and
+`tools/warm_triton_cache.py` drives the same steps through Triton's JIT to
+fill a kernel cache for a GPU machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import inspect
-import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import triton
 
 from fastcodegen.batch import Batch
 from fastcodegen.config import ModelConfig
@@ -53,12 +39,12 @@ TEST_SHAPES = {"hd64": (256, 4, 32), "hd80": (320, 4, 64), "hd256": (1024, 4, 64
 TEST_N_POSITIONS = 128
 # (module, attribute) of every kernel the engine launches.
 KERNELS = (
+    ("layer_norm", "_layer_norm_kernel"),
     ("in_proj", "_in_proj_kernel"),
     ("prefill_attention", "_prefill_kernel"),
     ("decode_attention", "_split_kernel"),
     ("decode_attention", "_combine_kernel"),
     ("out_proj", "_out_proj_kernel"),
-    ("out_proj", "_split_k_reduce_kernel"),
 )
 
 
@@ -182,7 +168,7 @@ class ShapeState:
 def prepare(shape: EngineShape, device: torch.device = torch.device("meta")) -> ShapeState:
     """The "triton" backend's operations over one layer of meta tensors laid out as the engine lays them out."""
     c = shape.config
-    ops = TritonOps(c, device)
+    ops = TritonOps(c, device, shape.max_model_len)
     ops.num_sms = shape.num_sms
     named = ((name, torch.empty(s, device=device, dtype=shape.dtype)) for name, s in tensor_shapes(c).items())
     weights = CodeGenWeights.from_named(c, named)
@@ -221,6 +207,8 @@ def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
 
 @dataclass
 class Launch:
+    """One recorded `kernel[grid](*args, **kwargs)` call, named 'kernel model dtype tables step'."""
+
     name: str
     kernel: Any  # the kernel's triton.JITFunction (or its interpreted stand-in)
     grid: tuple
@@ -242,9 +230,10 @@ class Recorder:
 
 def kernel_modules() -> list[tuple[Any, str]]:
     """(module, attribute) of every kernel in KERNELS, the modules imported."""
-    from fastcodegen.kernels import decode_attention, in_proj, out_proj, prefill_attention
+    from fastcodegen.kernels import decode_attention, in_proj, layer_norm, out_proj, prefill_attention
 
     modules = {
+        "layer_norm": layer_norm,
         "in_proj": in_proj,
         "prefill_attention": prefill_attention,
         "decode_attention": decode_attention,
@@ -289,6 +278,16 @@ def _param_names(fn: Callable) -> tuple[list[str], set[str]]:
     return list(params), constexpr
 
 
+def arguments(launch: Launch) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(every kernel parameter's value by name, the compile options num_warps/num_stages) of a launch."""
+    params, _ = _param_names(launch.kernel.fn)
+    values = dict(zip(params, launch.args))
+    kwargs = dict(launch.kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values.update(kwargs)
+    return values, options
+
+
 def signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) of a recorded launch, specialised as Triton's JIT would.
 
@@ -297,10 +296,7 @@ def signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     Meta tensors have address 0, as aligned as the allocator's.
     """
     params, constexpr = _param_names(launch.kernel.fn)
-    values = dict(zip(params, launch.args))
-    kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values.update(kwargs)
+    values, options = arguments(launch)
     sig, consts, attrs = {}, {}, {}
     aligned = [["tt.divisibility", 16]]
     for i, name in enumerate(params):
@@ -328,72 +324,3 @@ def specialization_key(launch: Launch) -> str:
     """What tells two launches of a kernel apart for the compiler: its name and `signature`."""
     sig, consts, attrs, options = signature(launch)
     return f"{launch.kernel.fn.__name__} {sig} {consts} {attrs} {options}"
-
-
-def _resources(cubin: bytes) -> dict:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
-    return {"registers": int(m[1]), "stack": int(m[2]), "local": int(m[3])} if m else {}
-
-
-# The steps compiled ahead of time: small and large decode batches (the decode kernels, both split-K plans of
-# out_proj), a short and a long prefill (the projections' other block configurations, prefill attention).
-AOT_DECODE_ROWS = (1, 64)
-AOT_PREFILL_TOKENS = (32, 512)
-
-
-def compile_all(arch: int, dtypes: list[torch.dtype]) -> list[dict]:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    results, seen = [], set()
-    for shape in engine_shapes(dtypes=dtypes, test_shapes=False):
-        for launch in record_launches(shape, engine_steps(shape, AOT_DECODE_ROWS, AOT_PREFILL_TOKENS)):
-            key = specialization_key(launch)
-            if key in seen:
-                continue
-            seen.add(key)
-            sig, consts, attrs, options = signature(launch)
-            row = {"launch": launch.name, "options": options}
-            try:
-                source = ASTSource(launch.kernel, sig, constexprs=consts, attrs=attrs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-                row.update(ok=True, **_resources(compiled.asm["cubin"]), shared=compiled.metadata.shared)
-            except Exception as e:  # report every failure, not just the first
-                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
-            results.append(row)
-    return results
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    args = p.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("error: kernel_compile.py compiles kernels: run it without TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    # Compile as Triton 3.6 does by default (fused multiply-adds); Triton 3.9 warns while it is unset and 3.10
-    # turns it off. Set only in this script's own process: a process that fills or reads a kernel cache for a
-    # GPU run must leave it unset, as the variable enters every cache key (tools/warm_triton_cache.py).
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    results = compile_all(args.arch, [getattr(torch, d) for d in args.dtypes])
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for r in results:
-            if r["ok"]:
-                print(f"ok    {r['launch']:<60} warps={r['options'].get('num_warps', 4)} reg={r.get('registers')} "
-                      f"local={r.get('local')} stack={r.get('stack')} shared={r.get('shared')}")  # fmt: skip
-            else:
-                print(f"FAIL  {r['launch']}: {r['error']}")
-    return 0 if all(r["ok"] for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

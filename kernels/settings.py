@@ -1,0 +1,154 @@
+"""Launch settings shared by the kernels: tile plans, dot precision, the GPU's size.
+
+Every kernel's host wrapper takes its block sizes, warps, pipeline depth and
+grid from here, so one file says how the engine's launches are shaped and
+`benchmarks/kernel_report.py` checks what the compiler made of them.
+
+The projections' plan (`gemm_plan`) is chosen by a small cost model rather
+than a table: decode steps multiply a handful of rows by a large weight, so
+their time is the time to stream the weight, and what matters is that every
+SM streams the same share. A launch runs in waves of `sms x resident`
+programs; a wave that is partly empty leaves SMs idle while it lasts. Split-K
+turns one column tile into several programs over slices of K (reduced in
+the same launch, see `split_k.py`), so the plan searches block width, K tile
+and split count for the grid whose slowest SM streams the least.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# H100 SXM and H200: the SM count plans assume when no device is at hand (tests, the static report).
+DEFAULT_NUM_SMS = 132
+SHARED_MEMORY_PER_SM = 228 * 1024  # bytes, 1 KiB of it reserved per resident program
+MAX_PROGRAMS_PER_SM = 32
+# A program's fixed cost (launch, prologue, the pipeline's first loads, the epilogue) as bytes of weight it
+# could have streamed meanwhile: about one memory latency (~1 us) at one SM's share of 4.3 TB/s / 132.
+PROGRAM_OVERHEAD_BYTES = 16 * 1024
+# A main-loop iteration's fixed cost (waiting on its stage, a barrier, address arithmetic: ~150 cycles) the
+# same way: an SM streams ~16 bytes per cycle. Long K tiles amortise it; tiny ones drown in it.
+ITERATION_OVERHEAD_BYTES = 2 * 1024
+# The fewest waves, and the least filled last wave, a decode launch may have (benchmarks/kernel_report.py).
+MIN_WAVES = 4
+MIN_LAST_WAVE_FILL = 0.9
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: exact float32 products for float32 tensors, tensor cores otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; `DEFAULT_NUM_SMS` elsewhere (plans made without a GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def resident_per_sm(shared_bytes: int, num_warps: int, registers: int = 0) -> int:
+    """Programs one SM holds at once, by shared memory, threads and (when known) registers per thread.
+
+    Registers are allocated per warp in units of 256 from 64 Ki per SM.
+    """
+    by_shared = SHARED_MEMORY_PER_SM // (shared_bytes + 1024)
+    by_threads = 2048 // (32 * num_warps)
+    by_registers = MAX_PROGRAMS_PER_SM
+    if registers:
+        per_warp = -(-registers * 32 // 256) * 256
+        by_registers = (65536 // per_warp) // num_warps
+    return max(1, min(MAX_PROGRAMS_PER_SM, by_shared, by_threads, by_registers))
+
+
+def wave_fill(programs: int, slots: int, sms: int | None = None) -> tuple[float, float]:
+    """(waves, how full the last wave is) of `programs` over `slots` resident programs at once.
+
+    The fill is the share of the last wave's slots that are busy. With `sms`
+    given, a grid that fits in one wave is judged by its SMs instead: the
+    block scheduler spreads it over them, every program resident at once, and
+    the SM with the most programs sets the time, so the fill is programs over
+    sms x that most (512 programs on 132 SMs: 4 on some, 512 / 528 = 97%).
+    """
+    if slots <= 0:
+        return math.inf, 0.0  # nothing fits: no wave ever ends
+    waves = programs / slots
+    if sms and programs <= slots:
+        return waves, programs / (math.ceil(programs / sms) * sms)
+    last = programs - (math.ceil(waves) - 1) * slots
+    return waves, last / slots
+
+
+def fills_waves(programs: int, slots: int, sms: int | None = None) -> bool:
+    """The decode rule: at least MIN_WAVES waves, or a last wave at least MIN_LAST_WAVE_FILL full."""
+    waves, fill = wave_fill(programs, slots, sms)
+    return waves >= MIN_WAVES or fill >= MIN_LAST_WAVE_FILL
+
+
+def split_k_scratch_bytes(n: int) -> int:
+    """An upper bound of a decode projection's split-K partials over n output columns (float32)."""
+    return _MAX_SPLIT_K * _DECODE_SHAPES[-1][0] * (n + max(_DECODE_BLOCK_N)) * 4
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How a projection is launched: tiles, K splits, warps, pipeline depth."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def shared_bytes(self, elem: int) -> int:
+        """Shared memory of the operand pipeline: buffers of an A and a B tile.
+
+        Triton keeps num_stages of them where wgmma (64+ rows) reads shared
+        memory asynchronously, num_stages - 1 for mma.sync.
+        """
+        buffers = self.num_stages if self.block_m >= 64 else max(1, self.num_stages - 1)
+        return buffers * (self.block_m + self.block_n) * self.block_k * elem
+
+
+# Tile shapes by the number of rows (M). Up to 16 rows a 16-row tile is the smallest `tl.dot` takes; the
+# weight is streamed through long K tiles, 4 deep. 17-64 rows: one 64-row tile, the smallest wgmma runs.
+# Above: 128x128 tiles over 64-wide K, 3 deep, eight warps (two warpgroups): Hopper's matmul shape.
+_DECODE_SHAPES = ((16, 4, 4), (64, 4, 3))  # (largest M, warps, stages)
+_DECODE_BLOCK_N = (64, 32, 128)
+_DECODE_BLOCK_K = (256, 128)
+_PREFILL = (128, 128, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+_MAX_SPLIT_K = 16
+
+
+def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms: int = DEFAULT_NUM_SMS) -> GemmPlan:
+    """The plan for an [m, k] x [k, n] projection; `column_tiles(block_n)` counts its column tiles.
+
+    Prefill-sized M gets the matmul tiles, no split. Decode-sized M gets the
+    (block_n, block_k, split_k) whose slowest SM streams the fewest bytes,
+    with PROGRAM_OVERHEAD_BYTES per program and ITERATION_OVERHEAD_BYTES per
+    main-loop iteration, among the plans that fill their
+    waves (`fills_waves`) when any does.
+    """
+    if m > _DECODE_SHAPES[-1][0]:
+        bm, bn, bk, warps, stages = _PREFILL
+        return GemmPlan(bm, bn, bk, 1, warps, stages)
+    bm, warps, stages = next((max(16, s[0]), s[1], s[2]) for s in _DECODE_SHAPES if m <= s[0])
+    best, best_key = None, None
+    for bn in _DECODE_BLOCK_N:
+        for bk in _DECODE_BLOCK_K:
+            k_tiles = -(-k // bk)
+            tiles = column_tiles(bn)
+            plan0 = GemmPlan(bm, bn, bk, 1, warps, stages)
+            slots = sms * resident_per_sm(plan0.shared_bytes(elem), warps)
+            for split in range(1, min(_MAX_SPLIT_K, k_tiles) + 1):
+                programs = tiles * split
+                iters = -(-k_tiles // split)
+                per_program = iters * (bk * bn * elem + ITERATION_OVERHEAD_BYTES) + PROGRAM_OVERHEAD_BYTES
+                slowest = -(-programs // slots) * per_program
+                key = (not fills_waves(programs, slots, sms), slowest, split)
+                if best_key is None or key < best_key:
+                    best, best_key = GemmPlan(bm, bn, bk, split, warps, stages), key
+    return best
