@@ -19,8 +19,9 @@ row:
   (cp.async, TMA, wgmma, mma.sync);
 * from the occupancy rules of an H200's SMs (as the CUDA occupancy
   calculator applies them): programs resident per SM, waves over the 132
-  SMs, how full the last wave is, and the share of the launch's time a
-  partly empty wave would waste (time ~ ceil(waves) / waves below 4 waves);
+  SMs, how full the last wave is (a grid of one wave: how evenly its SMs
+  are loaded), and the share of the launch's time that would waste (time ~
+  1 / fill for one wave, ceil(waves) / waves up to 4 waves);
 * from a cost model per kernel (`COST_MODELS`): the bytes the launch must
   move and the matrix FLOPs it must do, and their roofline time on the
   device (`Device`: copy bandwidth and bf16 matmul rate measured on an
@@ -823,8 +824,8 @@ def format_markdown(
         "## Step floors",
         "",
         "The Triton launches of every layer of one step at the device's ceilings; *with waves* scales each launch "
-        "by ceil(waves) / waves below 4 waves. Embedding, final LayerNorm and lm_head (library calls) are not "
-        "included.",
+        "by 1 / fill for a grid of one wave (its busiest SM sets the time) and by ceil(waves) / waves up to 4 "
+        "waves. Embedding, final LayerNorm and lm_head (library calls) are not included.",
         "",
         "| model | dtype | step | layers | launches | MB / layer | GFLOP / layer | floor ms | with waves ms |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|",
