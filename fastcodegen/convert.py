@@ -47,7 +47,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import secrets
 import shutil
@@ -188,8 +187,9 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:
             # Files in the legacy (pre-zip) format cannot be mapped.
             obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        # A truncated download, another format, or pickled objects weights_only refuses to build.
+    except Exception as e:
+        # A truncated download, another format, pickled objects weights_only refuses to build, or bytes that
+        # send the unpickler anywhere (IndexError, KeyError, struct.error, ...): all "not a checkpoint".
         raise ValueError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"[:500]) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{file}: not a state dict of tensors")

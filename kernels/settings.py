@@ -32,6 +32,12 @@ PROGRAM_OVERHEAD_BYTES = 16 * 1024
 # A main-loop iteration's fixed cost (waiting on its stage, a barrier, address arithmetic: ~150 cycles) the
 # same way: an SM streams ~16 bytes per cycle. Long K tiles amortise it; tiny ones drown in it.
 ITERATION_OVERHEAD_BYTES = 2 * 1024
+# FLOPs an H100/H200 does in the time it moves a byte (788 TFLOP/s bf16 matmul over 4.3 TB/s, both measured on
+# an H200): prices the float32 partial sums a prefill split-K writes and reads against the matmul work it saves.
+MACHINE_BALANCE = 183
+# A prefill GEMM splits K only while its programs fit in this many waves of one per SM: split-K serves grids
+# too small for the SMs, and it bounds the partial sums' scratch (`split_k_scratch_bytes`).
+PREFILL_SPLIT_MAX_WAVES = 4
 # The fewest waves, and the least filled last wave, a decode launch may have (benchmarks/kernel_report.py).
 MIN_WAVES = 4
 MIN_LAST_WAVE_FILL = 0.9
@@ -87,9 +93,16 @@ def fills_waves(programs: int, slots: int, sms: int | None = None) -> bool:
     return waves >= MIN_WAVES or fill >= MIN_LAST_WAVE_FILL
 
 
-def split_k_scratch_bytes(n: int) -> int:
-    """An upper bound of a decode projection's split-K partials over n output columns (float32)."""
-    return _MAX_SPLIT_K * _DECODE_SHAPES[-1][0] * (n + max(_DECODE_BLOCK_N)) * 4
+def split_k_scratch_bytes(n: int, sms: int = DEFAULT_NUM_SMS) -> int:
+    """An upper bound of a projection's split-K partials (float32) over n output columns."""
+    decode = _MAX_SPLIT_K * _DECODE_SHAPES[-1][0] * (n + max(_DECODE_BLOCK_N)) * 4
+    prefill = PREFILL_SPLIT_MAX_WAVES * sms * max(t[0] * t[1] for t in _PREFILL) * 4
+    return max(decode, prefill)
+
+
+def split_k_tiles(n: int, sms: int = DEFAULT_NUM_SMS) -> int:
+    """The most output tiles a split launch has over n columns: the size of its arrival counters."""
+    return max(-(-n // (min(_DECODE_BLOCK_N) // 2)), PREFILL_SPLIT_MAX_WAVES * sms)
 
 
 @dataclass(frozen=True)
@@ -115,26 +128,42 @@ class GemmPlan:
 
 # Tile shapes by the number of rows (M). Up to 16 rows a 16-row tile is the smallest `tl.dot` takes; the
 # weight is streamed through long K tiles, 4 deep. 17-64 rows: one 64-row tile, the smallest wgmma runs.
-# Above: 128x128 tiles over 64-wide K, 3 deep, eight warps (two warpgroups): Hopper's matmul shape.
+# Above: 128x128 tiles over 64-wide K, 3 deep, eight warps (two warpgroups), Hopper's matmul shape, or
+# 64x128 tiles with one warpgroup where the larger ones would leave SMs with less work than others.
 _DECODE_SHAPES = ((16, 4, 4), (64, 4, 3))  # (largest M, warps, stages)
 _DECODE_BLOCK_N = (64, 32, 128)
 _DECODE_BLOCK_K = (256, 128)
-_PREFILL = (128, 128, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, assumed matmul efficiency relative to the first): a 64-row tile
+# reuses each B tile half as often; 0.9 is an assumption for the plan, to be replaced by a measured value.
+_PREFILL = ((128, 128, 64, 8, 3, 1.0), (64, 128, 64, 4, 3, 0.9))
 _MAX_SPLIT_K = 16
 
 
 def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms: int = DEFAULT_NUM_SMS) -> GemmPlan:
     """The plan for an [m, k] x [k, n] projection; `column_tiles(block_n)` counts its column tiles.
 
-    Prefill-sized M gets the matmul tiles, no split. Decode-sized M gets the
+    Prefill-sized M gets the matmul tile and split count whose busiest SM
+    has the least work (a compute-bound grid: ceil(programs / sms) tiles of
+    it), the partial sums' traffic priced at MACHINE_BALANCE. Decode-sized M
+    gets the
     (block_n, block_k, split_k) whose slowest SM streams the fewest bytes,
     with PROGRAM_OVERHEAD_BYTES per program and ITERATION_OVERHEAD_BYTES per
     main-loop iteration, among the plans that fill their
     waves (`fills_waves`) when any does.
     """
     if m > _DECODE_SHAPES[-1][0]:
-        bm, bn, bk, warps, stages = _PREFILL
-        return GemmPlan(bm, bn, bk, 1, warps, stages)
+        best, best_cost = None, None
+        for bm, bn, bk, warps, stages, efficiency in _PREFILL:
+            tiles, k_tiles = -(-m // bm) * column_tiles(bn), -(-k // bk)
+            for split in (1, 2, 3, 4):
+                programs = tiles * split
+                if split > 1 and (k_tiles < 8 * split or programs > PREFILL_SPLIT_MAX_WAVES * sms):
+                    break
+                busiest = -(-programs // sms) * 2 * bm * bn * bk * -(-k_tiles // split) / efficiency
+                partials = 0 if split == 1 else 2 * programs * bm * bn * 4 * MACHINE_BALANCE / sms
+                if best_cost is None or busiest + partials < best_cost:
+                    best, best_cost = GemmPlan(bm, bn, bk, split, warps, stages), busiest + partials
+        return best
     bm, warps, stages = next((max(16, s[0]), s[1], s[2]) for s in _DECODE_SHAPES if m <= s[0])
     best, best_key = None, None
     for bn in _DECODE_BLOCK_N:

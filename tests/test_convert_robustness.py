@@ -561,13 +561,17 @@ def test_other_floating_sources_convert(checkpoint, tmp_path, source_dtype):
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "unpickler-stack"])
 def test_unreadable_source_weights_raise_naming_the_file(checkpoint, tmp_path, fmt, damage):
     src, _ = checkpoint("hd64", fmt)
     bad = copy_checkpoint(src, tmp_path / "bad")
     weights = bad / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")
     data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    if damage == "unpickler-stack":
+        data = b"\x80\x02q\x00"  # a legacy pickle storing an empty stack's top: IndexError inside torch.load
+    weights.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)) if damage == "garbage" else data
+    )
     with pytest.raises(ValueError) as e:
         convert(bad, tmp_path / "out", progress=False)
     assert str(weights) in str(e.value)

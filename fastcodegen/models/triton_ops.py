@@ -37,8 +37,9 @@ class TritonOps:
         self.cos, self.sin = rotary_tables(config.rotary_dim, config.n_positions, device)
         self.num_sms = settings.device_sms(device)
         # Split-K arrival counters, zeroed once: every launch leaves them zeroed for the next one (and for a
-        # CUDA graph's replays). A split tile holds at least 16 of the widest projection's columns.
-        self.counters = torch.zeros(-(-self.layout.width // 16), device=device, dtype=torch.int32)
+        # CUDA graph's replays).
+        counters = settings.split_k_tiles(self.layout.width, self.num_sms)
+        self.counters = torch.zeros(counters, device=device, dtype=torch.int32)
 
     def in_proj(
         self, x: torch.Tensor, layer: LayerWeights, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor
