@@ -240,13 +240,15 @@ def in_proj(
     split_k: int | None = None,
     counters: torch.Tensor | None = None,
     num_sms: int = settings.DEFAULT_NUM_SMS,
+    interpreted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels with `in_proj_reference`'s signature and results: (q [T, d], g [T, f]); writes k, v to the caches.
 
     q_out [T, d], g_out [T, f] and ln_out [T, d] (ln_1(x)), when given,
     receive the results (persistent buffers). The plan is made for `num_sms`
-    SMs; `split_k` overrides its number of K splits; `counters` is split-K's
-    zeroed arrival counters, kept between launches (`split_k.py`).
+    SMs (`interpreted`: `settings.interpreter_plan` instead); `split_k`
+    overrides its number of K splits; `counters` is split-K's zeroed arrival
+    counters, kept between launches (`split_k.py`).
     """
     m, k = x.shape
     h, hd, half, f = layout.n_head, layout.head_dim, layout.half, layout.n_inner
@@ -264,7 +266,10 @@ def in_proj(
     def column_tiles(block_n: int) -> int:
         return triton.cdiv(rot_columns, block_n // 2) + triton.cdiv(plain_columns, block_n)
 
-    plan = settings.gemm_plan(m, k, column_tiles, x.element_size(), num_sms)
+    if interpreted:
+        plan = settings.interpreter_plan(m)
+    else:
+        plan = settings.gemm_plan(m, k, column_tiles, x.element_size(), num_sms)
     if split_k is not None:
         plan = dataclasses.replace(plan, split_k=split_k)
     rot_tiles = triton.cdiv(rot_columns, plan.block_n // 2)

@@ -101,10 +101,12 @@ def out_proj(
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     num_sms: int = settings.DEFAULT_NUM_SMS,
+    interpreted: bool = False,
 ) -> torch.Tensor:
     """The kernel with `out_proj_reference`'s signature: returns [T, d] (into `out` if given).
 
-    The plan is made for `num_sms` SMs; `split_k` overrides its number of K
+    The plan is made for `num_sms` SMs (`interpreted`: `settings.interpreter_plan`
+    instead); `split_k` overrides its number of K
     splits; `counters` is split-K's zeroed arrival counters, kept between
     launches (`split_k.py`).
     """
@@ -116,7 +118,10 @@ def out_proj(
     assert out.shape == (m, n) and out.stride(1) == 1
     if m == 0:
         return out
-    plan = settings.gemm_plan(m, k1 + k2, lambda block_n: triton.cdiv(n, block_n), a.element_size(), num_sms)
+    if interpreted:
+        plan = settings.interpreter_plan(m)
+    else:
+        plan = settings.gemm_plan(m, k1 + k2, lambda block_n: triton.cdiv(n, block_n), a.element_size(), num_sms)
     if split_k is not None:
         plan = dataclasses.replace(plan, split_k=split_k)
     grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), plan.split_k)

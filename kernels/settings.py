@@ -24,6 +24,8 @@ import torch
 
 # H100 SXM and H200: the SM count plans assume when no device is at hand (tests, the static report).
 DEFAULT_NUM_SMS = 132
+# Planning the interpreter's launches for 132 SMs would only multiply its programs, each run in Python.
+INTERPRETER_SMS = 4
 SHARED_MEMORY_PER_SM = 228 * 1024  # bytes, 1 KiB of it reserved per resident program
 MAX_PROGRAMS_PER_SM = 32
 # A program's fixed cost (launch, prologue, the pipeline's first loads, the epilogue) as bytes of weight it
@@ -49,9 +51,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def device_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; `DEFAULT_NUM_SMS` elsewhere (plans made without a GPU)."""
+    """The SM count to plan for: a CUDA device's own; INTERPRETER_SMS on the CPU, where Triton's interpreter runs
+    the programs one after another; `DEFAULT_NUM_SMS` elsewhere (meta tensors: plans made for an H100/H200)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "cpu":
+        return INTERPRETER_SMS
     return DEFAULT_NUM_SMS
 
 
@@ -137,6 +142,12 @@ _DECODE_BLOCK_K = (256, 128)
 # reuses each B tile half as often; 0.9 is an assumption for the plan, to be replaced by a measured value.
 _PREFILL = ((128, 128, 64, 8, 3, 1.0), (64, 128, 64, 4, 3, 0.9))
 _MAX_SPLIT_K = 16
+
+
+def interpreter_plan(m: int) -> GemmPlan:
+    """The fewest programs: Triton's interpreter runs them one after another in Python, where a tile's size costs
+    little and each program much (the engine on the CPU; the kernel tests check `gemm_plan`'s own plans)."""
+    return GemmPlan(16 if m <= 16 else 64, 128, 128, 1, 4, 3)
 
 
 def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms: int = DEFAULT_NUM_SMS) -> GemmPlan:

@@ -44,6 +44,12 @@ def _module() -> list[str]:
     return [sys.executable, "-m", "fastcodegen"]
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal, even when the suite runs where SIGINT is ignored
+    (a background job or nohup, whose children would inherit the ignore and never see the tests' SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(
     cmd: list[str], stdin: str | bytes | None = None, timeout: float = 120, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -54,6 +60,7 @@ def _run(
         capture_output=True,
         env=dict(os.environ) if env is None else env,
         timeout=timeout,
+        preexec_fn=_default_sigint,
     )
     p.out = p.stdout.decode("utf-8")  # type: ignore[attr-defined]
     p.err = p.stderr.decode("utf-8", errors="replace")  # type: ignore[attr-defined]
@@ -254,8 +261,9 @@ def test_codegen_stop_pattern_across_tokens(chain_checkpoint, hf_tok):
 
 def _start(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
     kwargs.setdefault("stdout", subprocess.PIPE)
+    env = dict(os.environ) if env is None else env
     return subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ) if env is None else env, **kwargs
+        cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_default_sigint, **kwargs
     )
 
 

@@ -101,7 +101,10 @@ def test_steps_launch_what_the_engine_launches(engine_factory):
     dtype = torch.float16
     engine, _ = engine_factory("hd64", dtype=dtype, backend="torch")
     model = engine._runner.model
-    model.ops = _RecordingOps(model.ops, TritonOps(model.config, engine.config.device))
+    triton_ops = TritonOps(model.config, engine.config.device)
+    # Planned as on a GPU, the only place the compiled kernels run (on the CPU they are planned for the interpreter).
+    triton_ops.num_sms, triton_ops.interpreted = kc.EngineShape.num_sms, False
+    model.ops = _RecordingOps(model.ops, triton_ops)
     log: list[kc.Launch] = []
     restore = kc.patch_kernels(lambda kernel, name: kc.Recorder(kernel, name, log, [""]))
     try:

@@ -36,6 +36,7 @@ class TritonOps:
         self.layout = InProjLayout.of(config)
         self.cos, self.sin = rotary_tables(config.rotary_dim, config.n_positions, device)
         self.num_sms = settings.device_sms(device)
+        self.interpreted = device.type == "cpu"  # Triton's interpreter: plans with the fewest programs
         # Split-K arrival counters, zeroed once: every launch leaves them zeroed for the next one (and for a
         # CUDA graph's replays).
         counters = settings.split_k_tiles(self.layout.width, self.num_sms)
@@ -47,7 +48,7 @@ class TritonOps:
         return self._in_proj(
             x, layer.ln_weight, layer.ln_bias, layer.w_in, layer.b_in, batch.positions, batch.slot_mapping,
             self.cos, self.sin, k_cache, v_cache, self.layout, self.config.layer_norm_epsilon,
-            counters=self.counters, num_sms=self.num_sms,
+            counters=self.counters, num_sms=self.num_sms, interpreted=self.interpreted,
         )  # fmt: skip
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -69,7 +70,10 @@ class TritonOps:
         return out.view(q.shape[0], -1)
 
     def out_proj(self, a: torch.Tensor, g: torch.Tensor, layer: LayerWeights, residual: torch.Tensor) -> torch.Tensor:
-        return self._out_proj(a, g, layer.w_out, layer.b_out, residual, counters=self.counters, num_sms=self.num_sms)
+        return self._out_proj(
+            a, g, layer.w_out, layer.b_out, residual,
+            counters=self.counters, num_sms=self.num_sms, interpreted=self.interpreted,
+        )  # fmt: skip
 
     def logits(self, x: torch.Tensor, weights: CodeGenWeights) -> torch.Tensor:
         return final_logits(x, weights, self.config.layer_norm_epsilon)
