@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastcodegen.batch import Batch
 from fastcodegen.config import ModelConfig
@@ -291,7 +292,8 @@ def arguments(launch: Launch) -> tuple[dict[str, Any], dict[str, Any]]:
 def signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) of a recorded launch, specialised as Triton's JIT would.
 
-    Like the JIT: an integer equal to 1 becomes a constant, and pointers and
+    Like the JIT: an integer equal to 1 and None become constants, TMA
+    descriptors are typed by element and block shape, and pointers and
     integers divisible by 16 are marked so (which lets loads vectorise).
     Meta tensors have address 0, as aligned as the allocator's.
     """
@@ -301,8 +303,10 @@ def signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     aligned = [["tt.divisibility", 16]]
     for i, name in enumerate(params):
         v = values[name]
-        if name in constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+        if name in constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[(i,)] = "constexpr", v
+        elif isinstance(v, TensorDescriptor):  # a TMA descriptor: typed by its element and block shape
+            sig[name] = f"tensordesc<{_TYPES[v.base.dtype]}[{', '.join(str(n) for n in v.block_shape)}]>"
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _TYPES[v.dtype]
             if v.data_ptr() % 16 == 0:

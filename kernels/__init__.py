@@ -14,6 +14,7 @@ and what they share:
 
     settings.py           tile plans (sized to fill the SMs in whole waves), dot precision, SM count
     split_k.py            split-K partial sums reduced in the same launch by each tile's last program
+    tma.py                TMA descriptors for the prefill GEMMs' operand tiles
 
 The embedding gather, the final LayerNorm and lm_head stay library calls
 (`fastcodegen/models/triton_ops.py` says why).

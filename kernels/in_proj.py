@@ -15,7 +15,8 @@ LayerNorm runs first, once per step (`layer_norm.py` writes ln_1(x) in the
 model dtype), so the projection is a pure GEMM whose epilogue does the rest;
 recomputing the row statistics in every column tile would read x once per
 tile and stall each tile's main loop. Decode steps split K (`split_k.py`)
-when the column tiles alone would leave SMs idle (`settings.gemm_plan`).
+when the column tiles alone would leave SMs idle (`settings.gemm_plan`);
+prefill steps load their operand tiles through TMA (`tma.py`).
 Keys and values go to the cache slot of their token (`slot_mapping`; -1
 writes nothing, which makes padded rows free).
 
@@ -35,7 +36,7 @@ import triton.language as tl
 from fastcodegen.models.torch_ops import in_proj as in_proj_reference  # noqa: F401  (the reference)
 from fastcodegen.weights import InProjLayout
 
-from . import settings
+from . import settings, tma
 from .layer_norm import layer_norm
 from .split_k import reduce_split_k
 from .split_k import scratch as split_k_scratch
@@ -61,12 +62,12 @@ def _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _rotary_tile(
-    LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS,
-    M, K, rows, row_ok, tile, pid_n, split,
+    LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS, X_DESC, W_ROT_DESC,
+    M, K, rows, row_ok, tile, pid_m, pid_n, split,
     stride_xm, stride_wn, stride_qm, stride_cs, stride_ch,
     H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """A Q1|K1 tile: BLOCK_N / 2 columns and their partners, rotated together; q out, k to the cache."""
     dtype = Q_OUT.dtype.element_ty
@@ -79,12 +80,17 @@ def _rotary_tile(
     acc1 = tl.zeros([BLOCK_M, ROT_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, ROT_N], dtype=tl.float32)
     for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
-        w1 = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
-        w2 = _w_tile(W, cols + PARTNER, col_ok, ks, k_ok, stride_wn, EVEN_K)
+        if USE_TMA:  # zeros past the edges; the partner rows of a last, partial tile are masked at the store
+            a = X_DESC.load([pid_m * BLOCK_M, k0])
+            w1 = W_ROT_DESC.load([pid_n * ROT_N, k0]).T
+            w2 = W_ROT_DESC.load([pid_n * ROT_N + PARTNER, k0]).T
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
+            w1 = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
+            w2 = _w_tile(W, cols + PARTNER, col_ok, ks, k_ok, stride_wn, EVEN_K)
         acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
     last = True
@@ -128,12 +134,12 @@ def _rotary_tile(
 
 @triton.jit
 def _plain_tile(
-    LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS,
-    M, K, rows, row_ok, tile, plain_n, split,
+    LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS, X_DESC, W_DESC,
+    M, K, rows, row_ok, tile, pid_m, plain_n, split,
     stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
     H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """A QP|KP|V|M tile: q pass-through dims, k and v to the cache, fc_in's bias and gelu_new."""
     dtype = Q_OUT.dtype.element_ty
@@ -146,11 +152,15 @@ def _plain_tile(
     a_ptr = LN_X + rows[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
-        w = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
+        if USE_TMA:  # zeros past the edges
+            a = X_DESC.load([pid_m * BLOCK_M, k0])
+            w = W_DESC.load([QP + plain_n * BLOCK_N, k0]).T
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptr + ks[None, :], mask=a_mask, other=0.0)
+            w = _w_tile(W, cols, col_ok, ks, k_ok, stride_wn, EVEN_K)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     last = True
     if SPLIT_K > 1:
@@ -190,6 +200,7 @@ def _in_proj_kernel(
     G_OUT,  # [M, F] gelu(fc_in(ln(x))), row stride stride_gm
     K_CACHE, V_CACHE,  # [slots, H, HD]: slot stride stride_cs, head stride stride_ch, dims contiguous
     PARTIAL, COUNTERS,  # split-K scratch (split_k.py); unused when SPLIT_K == 1
+    X_DESC, W_DESC, W_ROT_DESC,  # TMA descriptors: LN_X [BLOCK_M, BLOCK_K], W [BLOCK_N | BLOCK_N / 2, BLOCK_K]; or None
     M, K,
     stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
     H: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr, F: tl.constexpr,
@@ -197,6 +208,7 @@ def _in_proj_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no K masks
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # load the operand tiles through the descriptors (tma.py)
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -206,17 +218,17 @@ def _in_proj_kernel(
     tile = pid_m * tl.num_programs(1) + pid_n
     if pid_n < ROT_TILES:
         _rotary_tile(
-            LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS,
-            M, K, rows, row_ok, tile, pid_n, split,
+            LN_X, W, BIAS, POS, SLOTS, COS, SIN, Q_OUT, K_CACHE, PARTIAL, COUNTERS, X_DESC, W_ROT_DESC,
+            M, K, rows, row_ok, tile, pid_m, pid_n, split,
             stride_xm, stride_wn, stride_qm, stride_cs, stride_ch,
-            H, HD, HALF, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION,
+            H, HD, HALF, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION, USE_TMA,
         )  # fmt: skip
     else:
         _plain_tile(
-            LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS,
-            M, K, rows, row_ok, tile, pid_n - ROT_TILES, split,
+            LN_X, W, BIAS, SLOTS, Q_OUT, G_OUT, K_CACHE, V_CACHE, PARTIAL, COUNTERS, X_DESC, W_DESC,
+            M, K, rows, row_ok, tile, pid_m, pid_n - ROT_TILES, split,
             stride_xm, stride_wn, stride_qm, stride_gm, stride_cs, stride_ch,
-            H, HD, HALF, PASS, F, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION,
+            H, HD, HALF, PASS, F, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION, USE_TMA,
         )  # fmt: skip
 
 
@@ -275,13 +287,18 @@ def in_proj(
     rot_tiles = triton.cdiv(rot_columns, plan.block_n // 2)
     grid = (triton.cdiv(m, plan.block_m), column_tiles(plan.block_n), plan.split_k)
     partial, counters = split_k_scratch(grid[0] * grid[1], plan, x.device, counters)
+    use_tma = not interpreted and tma.usable(plan, m, ln_x, w_in)
+    descs = (None, None, None)
+    if use_tma:
+        bm, bn, bk = plan.block_m, plan.block_n, plan.block_k
+        descs = (tma.descriptor(ln_x, bm, bk), tma.descriptor(w_in, bn, bk), tma.descriptor(w_in, bn // 2, bk))
     _in_proj_kernel[grid](
-        ln_x, w_in, b_in, positions, slot_mapping, cos, sin, q, g, k_cache, v_cache, partial, counters,
+        ln_x, w_in, b_in, positions, slot_mapping, cos, sin, q, g, k_cache, v_cache, partial, counters, *descs,
         m, k,
         ln_x.stride(0), w_in.stride(0), q.stride(0), g.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=h, HD=hd, HALF=half, PASS=layout.pass_dim, F=f, ROT_TILES=rot_tiles,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
-        EVEN_K=k % (plan.block_k * plan.split_k) == 0, DOT_PRECISION=settings.dot_precision(x.dtype),
+        EVEN_K=k % (plan.block_k * plan.split_k) == 0, DOT_PRECISION=settings.dot_precision(x.dtype), USE_TMA=use_tma,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return q, g

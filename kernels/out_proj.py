@@ -11,7 +11,8 @@ Decode steps have a handful of rows and N = d columns: too few output tiles
 to keep every SM busy while streaming the weight. `settings.gemm_plan` then
 splits K; the last program of each tile adds the float32 partials in a fixed
 order (deterministic, no float atomics) and applies the epilogue, in the
-same launch (`split_k.py`).
+same launch (`split_k.py`). Prefill steps load their operand tiles
+through TMA (`tma.py`).
 
 Rounding follows the reference `fastcodegen.models.torch_ops.out_proj`: the
 GEMM plus bias is rounded to the model dtype, then the residual is added.
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from fastcodegen.models.torch_ops import out_proj as out_proj_reference  # noqa: F401  (the reference)
 
-from . import settings
+from . import settings, tma
 from .split_k import reduce_split_k
 from .split_k import scratch as split_k_scratch
 
@@ -53,6 +54,17 @@ def _accumulate(acc, A, W, rows, row_ok, cols, col_ok, k_first, K, stride_am, st
 
 
 @triton.jit
+def _accumulate_tma(acc, A_DESC, W_DESC, row0, col0, k_first, K, w_k0,
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """`_accumulate` with both tiles copied by TMA (zeros past the edges); W's K starts at column w_k0."""
+    for k0 in range(k_first * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        a = A_DESC.load([row0, k0])
+        w = W_DESC.load([col0, w_k0 + k0])
+        acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _out_proj_kernel(
     A1,  # [M, K1] attention output, row stride stride_a1
     A2,  # [M, K2] gelu(fc_in(ln(x))), row stride stride_a2
@@ -61,11 +73,13 @@ def _out_proj_kernel(
     RES,  # [M, N] residual, row stride stride_rm
     OUT,  # [M, N], row stride stride_om
     PARTIAL, COUNTERS,  # split-K scratch (split_k.py); unused when SPLIT_K == 1
+    A1_DESC, A2_DESC, W_DESC,  # TMA descriptors of A1, A2 ([BLOCK_M, BLOCK_K] tiles), W ([BLOCK_N, BLOCK_K]); or None
     M, N, K1, K2,
     stride_a1, stride_a2, stride_wn, stride_rm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K1 and K2 are multiples of BLOCK_K * SPLIT_K: no K masks
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # load the operand tiles through the descriptors (tma.py)
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -76,10 +90,16 @@ def _out_proj_kernel(
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _accumulate(acc, A1, W, rows, row_ok, cols, col_ok, split, K1, stride_a1, stride_wn,
-                      BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
-    acc = _accumulate(acc, A2, W + K1, rows, row_ok, cols, col_ok, split, K2, stride_a2, stride_wn,
-                      BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
+    if USE_TMA:
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = _accumulate_tma(acc, A1_DESC, W_DESC, row0, col0, split, K1, 0, BLOCK_K, SPLIT_K, DOT_PRECISION)
+        acc = _accumulate_tma(acc, A2_DESC, W_DESC, row0, col0, split, K2, K1, BLOCK_K, SPLIT_K, DOT_PRECISION)
+    else:
+        acc = _accumulate(acc, A1, W, rows, row_ok, cols, col_ok, split, K1, stride_a1, stride_wn,
+                          BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
+        acc = _accumulate(acc, A2, W + K1, rows, row_ok, cols, col_ok, split, K2, stride_a2, stride_wn,
+                          BLOCK_K, SPLIT_K, EVEN_K, DOT_PRECISION)  # fmt: skip
     last = True
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(1) + pid_n
@@ -127,11 +147,16 @@ def out_proj(
     grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), plan.split_k)
     partial, counters = split_k_scratch(grid[0] * grid[1], plan, a.device, counters)
     step = plan.block_k * plan.split_k
+    use_tma = not interpreted and tma.usable(plan, m, a, g, w_out)
+    descs = (None, None, None)
+    if use_tma:
+        bm, bn, bk = plan.block_m, plan.block_n, plan.block_k
+        descs = (tma.descriptor(a, bm, bk), tma.descriptor(g, bm, bk), tma.descriptor(w_out, bn, bk))
     _out_proj_kernel[grid](
-        a, g, w_out, b_out, residual, out, partial, counters, m, n, k1, k2,
+        a, g, w_out, b_out, residual, out, partial, counters, *descs, m, n, k1, k2,
         a.stride(0), g.stride(0), w_out.stride(0), residual.stride(0), out.stride(0),
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
-        EVEN_K=k1 % step == 0 and k2 % step == 0, DOT_PRECISION=settings.dot_precision(a.dtype),
+        EVEN_K=k1 % step == 0 and k2 % step == 0, DOT_PRECISION=settings.dot_precision(a.dtype), USE_TMA=use_tma,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return out
