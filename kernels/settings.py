@@ -11,7 +11,12 @@ SM streams the same share. A launch runs in waves of `sms x resident`
 programs; a wave that is partly empty leaves SMs idle while it lasts. Split-K
 turns one column tile into several programs over slices of K (reduced in
 the same launch, see `split_k.py`), so the plan searches block width, K tile
-and split count for the grid whose slowest SM streams the least.
+and split count for the grid whose slowest SM streams the least. Prefill
+GEMMs are matmul-bound: their plan picks the tile (128x128 or 64x128) and
+split count that leave the busiest SM the least matmul work.
+
+The constants below that price overheads and efficiencies are estimates,
+written down as such; measurements on a GPU are what should replace them.
 """
 
 from __future__ import annotations
