@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import kernel_launches as kl
 import torch
 
-from fastcodegen.kernels.settings import MIN_LAST_WAVE_FILL, MIN_WAVES, wave_fill
+from fastcodegen.kernels.settings import MIN_LAST_WAVE_FILL, MIN_WAVES, meets_wave_rule, wave_fill
 from fastcodegen.registry import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -652,7 +652,7 @@ RULES: tuple[Rule, ...] = (
         f"decode GEMMs and decode attention's split kernel run at least {MIN_WAVES} waves or fill at least "
         f"{MIN_LAST_WAVE_FILL:.0%} of their last",
         applies=lambda r: r.ok and r.kind == "decode" and r.kernel in DECODE_SPLIT_KERNELS,
-        holds=lambda r: r.waves >= MIN_WAVES or r.last_wave_fill >= MIN_LAST_WAVE_FILL,  # settings.fills_waves
+        holds=lambda r: meets_wave_rule(r.waves, r.last_wave_fill),
         shows=lambda r: f"programs={r.programs} resident/SM={r.resident_per_sm} ({r.occupancy_limit}) "
         f"waves={r.waves:.2f} last wave {r.last_wave_fill:.0%} full",
     ),

@@ -21,6 +21,7 @@ dtype before P @ V as in prefill.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -144,6 +145,7 @@ class DecodeTiles:
         return settings.resident_per_sm(self.shared_bytes(head_dim_pad, elem), self.num_warps, self.registers)
 
 
+@functools.lru_cache(maxsize=None)  # asked every layer and step: plan each batch size once
 def num_splits(
     batch: int, heads: int, max_context: int, head_dim: int = 128, elem: int = 2,
     num_sms: int = settings.DEFAULT_NUM_SMS,

@@ -274,18 +274,14 @@ def in_proj(
         return q, g
     ln_x = layer_norm(x, ln_weight, ln_bias, eps, out=ln_out)
     rot_columns, plain_columns = 2 * layout.rotary_width, layout.width - 2 * layout.rotary_partner
-
-    def column_tiles(block_n: int) -> int:
-        return triton.cdiv(rot_columns, block_n // 2) + triton.cdiv(plain_columns, block_n)
-
     if interpreted:
         plan = settings.interpreter_plan(m)
     else:
-        plan = settings.gemm_plan(m, k, column_tiles, x.element_size(), num_sms)
+        plan = settings.gemm_plan(m, k, rot_columns, plain_columns, x.element_size(), num_sms)
     if split_k is not None:
         plan = dataclasses.replace(plan, split_k=split_k)
     rot_tiles = triton.cdiv(rot_columns, plan.block_n // 2)
-    grid = (triton.cdiv(m, plan.block_m), column_tiles(plan.block_n), plan.split_k)
+    grid = (triton.cdiv(m, plan.block_m), settings.column_tiles(plan.block_n, rot_columns, plain_columns), plan.split_k)
     partial, counters = split_k_scratch(grid[0] * grid[1], plan, x.device, counters)
     use_tma = not interpreted and tma.usable(plan, m, ln_x, w_in)
     descs = (None, None, None)

@@ -141,7 +141,7 @@ def out_proj(
     if interpreted:
         plan = settings.interpreter_plan(m)
     else:
-        plan = settings.gemm_plan(m, k1 + k2, lambda block_n: triton.cdiv(n, block_n), a.element_size(), num_sms)
+        plan = settings.gemm_plan(m, k1 + k2, 0, n, a.element_size(), num_sms)
     if split_k is not None:
         plan = dataclasses.replace(plan, split_k=split_k)
     grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), plan.split_k)

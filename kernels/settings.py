@@ -21,9 +21,9 @@ written down as such; measurements on a GPU are what should replace them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -97,10 +97,15 @@ def wave_fill(programs: int, slots: int, sms: int | None = None) -> tuple[float,
     return waves, last / slots
 
 
-def fills_waves(programs: int, slots: int, sms: int | None = None) -> bool:
-    """The decode rule: at least MIN_WAVES waves, or a last wave at least MIN_LAST_WAVE_FILL full."""
-    waves, fill = wave_fill(programs, slots, sms)
+def meets_wave_rule(waves: float, fill: float) -> bool:
+    """The decode rule on `wave_fill`'s (waves, fill): at least MIN_WAVES waves, or a last wave at least
+    MIN_LAST_WAVE_FILL full."""
     return waves >= MIN_WAVES or fill >= MIN_LAST_WAVE_FILL
+
+
+def fills_waves(programs: int, slots: int, sms: int | None = None) -> bool:
+    """Whether `programs` over `slots` resident programs on `sms` SMs keep the decode rule (`meets_wave_rule`)."""
+    return meets_wave_rule(*wave_fill(programs, slots, sms))
 
 
 def split_k_scratch_bytes(n: int, sms: int = DEFAULT_NUM_SMS) -> int:
@@ -155,8 +160,17 @@ def interpreter_plan(m: int) -> GemmPlan:
     return GemmPlan(16 if m <= 16 else 64, 128, 128, 1, 4, 3)
 
 
-def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms: int = DEFAULT_NUM_SMS) -> GemmPlan:
-    """The plan for an [m, k] x [k, n] projection; `column_tiles(block_n)` counts its column tiles.
+def column_tiles(block_n: int, rotary_columns: int, plain_columns: int) -> int:
+    """A projection's column tiles: a rotary tile holds block_n / 2 columns and their partners, a plain one block_n."""
+    return -(-rotary_columns // (block_n // 2)) + -(-plain_columns // block_n)
+
+
+@functools.lru_cache(maxsize=None)  # launches ask again every layer and step: plan each shape once
+def gemm_plan(
+    m: int, k: int, rotary_columns: int, plain_columns: int, elem: int, sms: int = DEFAULT_NUM_SMS
+) -> GemmPlan:
+    """The plan for an [m, k] x [k, n] projection whose n columns are `rotary_columns` in rotary pairs (in_proj's
+    Q1|K1, `column_tiles`) and `plain_columns` others.
 
     Prefill-sized M gets the matmul tile and split count whose busiest SM
     has the least work (a compute-bound grid: ceil(programs / sms) tiles of
@@ -170,7 +184,7 @@ def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms
     if m > _DECODE_SHAPES[-1][0]:
         best, best_cost = None, None
         for bm, bn, bk, warps, stages, efficiency in _PREFILL:
-            tiles, k_tiles = -(-m // bm) * column_tiles(bn), -(-k // bk)
+            tiles, k_tiles = -(-m // bm) * column_tiles(bn, rotary_columns, plain_columns), -(-k // bk)
             for split in (1, 2, 3, 4):
                 programs = tiles * split
                 if split > 1 and (k_tiles < 8 * split or programs > PREFILL_SPLIT_MAX_WAVES * sms):
@@ -185,7 +199,7 @@ def gemm_plan(m: int, k: int, column_tiles: Callable[[int], int], elem: int, sms
     for bn in _DECODE_BLOCK_N:
         for bk in _DECODE_BLOCK_K:
             k_tiles = -(-k // bk)
-            tiles = column_tiles(bn)
+            tiles = column_tiles(bn, rotary_columns, plain_columns)
             plan0 = GemmPlan(bm, bn, bk, 1, warps, stages)
             slots = sms * resident_per_sm(plan0.shared_bytes(elem), warps)
             for split in range(1, min(_MAX_SPLIT_K, k_tiles) + 1):
