@@ -87,6 +87,7 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     from fastcodegen import Engine, SamplingParams
+    from fastcodegen.sampler import Sampled
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp)
@@ -121,7 +122,10 @@ def main() -> None:
     token_pool = rng.integers(0, TOKENIZER_SIZE - 1, size=(args.steps + 1000, 2 * args.seqs)).astype(np.int32)
     calls = iter(range(10**9))
     engine._runner.execute = lambda step: logits[: step.info.num_samples]
-    engine._sampler = lambda lg, inputs: (token_pool[next(calls) % len(token_pool), : lg.shape[0]], {})
+    all_finite = np.ones(2 * args.seqs, dtype=bool)
+    engine._sampler = lambda lg, inputs: Sampled(
+        token_pool[next(calls) % len(token_pool), : lg.shape[0]], {}, all_finite[: lg.shape[0]]
+    )
 
     core = engine._scheduler.core
     while engine.stats.computed_tokens < args.seqs * prompt_len:  # prefill every prompt first (not timed)
