@@ -3,9 +3,9 @@
     python benchmarks/bench_host_overhead.py [--seqs 256] [--context 2048] [--steps 100]
 
 Runs the engine's real step loop (`Engine._step`: the native scheduler's
-schedule() and update(), the step's metadata views, the sampler's inputs, the
+schedule() and update(), the step's input views, the sampler's inputs, the
 token append, end-of-text / stop token / stop string / length checks,
-incremental detokenizing, event handling) with `--seqs` sequences decoding at
+incremental detokenizing, the output processor's events) with `--seqs` sequences decoding at
 contexts just under `--context` tokens. The model runner returns a ready
 logits tensor and the sampler returns ready tokens, so what is timed is the
 host's work around the GPU's. The model is a one-layer CodeGen at the real
@@ -87,7 +87,9 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     from fastcodegen import Engine, SamplingParams
+    from fastcodegen.request import Reader
     from fastcodegen.sampler import Sampled
+    from fastcodegen.validation import validate
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp)
@@ -114,24 +116,25 @@ def main() -> None:
         max_tokens=args.context - prompt_len, temperature=0.0, stop=["\nclass ", "\ndef "], ignore_eos=True
     )
     prompts = rng.integers(0, TOKENIZER_SIZE, size=(args.seqs, prompt_len)).tolist()
-    for text, ids, sp in engine._validate(None, prompts, params):
-        engine._add(text, ids, sp, watch=False)
+    reader = Reader()
+    for text, ids, sp in validate(None, prompts, params, engine.tokenizer, engine._limits):
+        engine._outputs.add(text, ids, sp, reader)
 
     # The model and the sampler's arithmetic are replaced by ready answers.
     logits = torch.zeros(2 * args.seqs, VOCAB)
     token_pool = rng.integers(0, TOKENIZER_SIZE - 1, size=(args.steps + 1000, 2 * args.seqs)).astype(np.int32)
     calls = iter(range(10**9))
-    engine._runner.execute = lambda step: logits[: step.info.num_samples]
+    engine._runner.execute = lambda step: logits[: step.num_samples]
     all_finite = np.ones(2 * args.seqs, dtype=bool)
-    engine._sampler = lambda lg, inputs: Sampled(
+    engine._runner.sampler = lambda lg, inputs: Sampled(
         token_pool[next(calls) % len(token_pool), : lg.shape[0]], {}, all_finite[: lg.shape[0]]
     )
 
-    core = engine._scheduler.core
+    core = engine._scheduler._core
     while engine.stats.computed_tokens < args.seqs * prompt_len:  # prefill every prompt first (not timed)
         engine._step()
     schedule_ns, update_ns = [], []
-    real_schedule, real_update = engine._scheduler.core.schedule, engine._scheduler.update
+    real_schedule, real_update = core.schedule, core.update
 
     class Timed:  # wraps the native calls to split the step's time
         def __getattr__(self, name):
@@ -143,11 +146,11 @@ def main() -> None:
             schedule_ns.append(time.perf_counter_ns() - t)
             return out
 
-    def timed_update(tokens):
-        t = time.perf_counter_ns()
-        out = real_update(tokens)
-        update_ns.append(time.perf_counter_ns() - t)
-        return out
+        def update(self, tokens, finite):
+            t = time.perf_counter_ns()
+            out = real_update(tokens, finite)
+            update_ns.append(time.perf_counter_ns() - t)
+            return out
 
     gc.collect()
     gc.disable()
@@ -155,12 +158,12 @@ def main() -> None:
     for i in range(args.steps):
         timing = i % 2 == 1  # every other step also measures the split (the wrappers cost a little)
         if timing:
-            engine._scheduler.core, engine._scheduler.update = Timed(), timed_update
+            engine._scheduler._core = Timed()
         t = time.perf_counter_ns()
         engine._step()
         elapsed = time.perf_counter_ns() - t
         if timing:
-            engine._scheduler.core, engine._scheduler.update = core, real_update
+            engine._scheduler._core = core
         else:
             step_ns.append(elapsed)
         assert core.num_running == args.seqs, "every sequence keeps decoding through the timed steps"

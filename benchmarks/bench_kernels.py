@@ -13,7 +13,7 @@ Needs a CUDA GPU. At the real shapes of codegen-350M, 2B, 6B and 16B
     out_proj           GEMM over [attn | g] + bias + residual      F.linear on the already concatenated [attn | g]
                                                                    + residual add (the torch.cat is not timed)
     decode_attention   split-K paged attention, one query per      scaled_dot_product_attention on contiguous,
-                       sequence, splits from num_splits()          unpaged K/V of the same length
+                       sequence, splits from settings.num_splits() unpaged K/V of the same length
     prefill_attention  paged causal flash attention                scaled_dot_product_attention(is_causal=True)
                                                                    on contiguous, unpaged K/V
 
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from common import commit
 
 from fastcodegen.config import ModelConfig
-from fastcodegen.models.torch_ops import rotary_tables
+from fastcodegen.models import torch_ops
 from fastcodegen.registry import MODELS
 from fastcodegen.weights import InProjLayout
 
@@ -333,14 +333,14 @@ def paged_kv(bench: Bench, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
 
 def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
-    from fastcodegen.kernels.in_proj import in_proj, in_proj_reference
+    from fastcodegen.kernels.in_proj import in_proj
 
     layout = InProjLayout.of(config)
     d, f, n, eps = config.n_embd, config.n_inner, layout.width, config.layer_norm_epsilon
     h, hd = config.n_head, config.head_dim
     ln_w, ln_b = bench.randn(d, mean=1.0, std=0.02), bench.randn(d, std=0.02)
     w_in, b_in = bench.randn(n, d, std=0.02), bench.randn(n, std=0.02)
-    cos, sin = rotary_tables(config.rotary_dim, config.n_positions, bench.device)
+    cos, sin = torch_ops.rotary_tables(config.rotary_dim, config.n_positions, bench.device)
     for phase, m in PROJ_CASES:
         x = bench.randn(m, d)
         positions, slots, num_blocks = token_slots(bench, phase, m, config.n_positions)
@@ -357,7 +357,7 @@ def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
         def check() -> dict[str, float]:
             q, g = ours()
             k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-            q_ref, g_ref = in_proj_reference(*args, k_ref, v_ref, layout, eps)
+            q_ref, g_ref = torch_ops.in_proj(*args, k_ref, v_ref, layout, eps)
 
             def stored(cache: torch.Tensor) -> torch.Tensor:  # the K or V rows in_proj wrote
                 return cache.view(-1, h, hd)[slots]
@@ -376,7 +376,7 @@ def bench_in_proj(bench: Bench, model: str, config: ModelConfig) -> None:
 
 
 def bench_out_proj(bench: Bench, model: str, config: ModelConfig) -> None:
-    from fastcodegen.kernels.out_proj import out_proj, out_proj_reference
+    from fastcodegen.kernels.out_proj import out_proj
 
     d, f = config.n_embd, config.n_inner
     w_out, b_out = bench.randn(d, d + f, std=0.02), bench.randn(d, std=0.02)
@@ -391,7 +391,7 @@ def bench_out_proj(bench: Bench, model: str, config: ModelConfig) -> None:
             return F.linear(ag, w_out, b_out) + residual
 
         def check() -> dict[str, float]:
-            return {"out": check_error(ours(), out_proj_reference(a, g, w_out, b_out, residual), bench.tol)}
+            return {"out": check_error(ours(), torch_ops.out_proj(a, g, w_out, b_out, residual), bench.tol)}
 
         bench.case(
             "out_proj", model, phase, f"M={m} N={d} K={d + f}",
@@ -400,10 +400,10 @@ def bench_out_proj(bench: Bench, model: str, config: ModelConfig) -> None:
 
 
 def bench_decode_attention(bench: Bench, model: str, config: ModelConfig) -> None:
-    from fastcodegen.kernels.decode_attention import num_splits
+    from fastcodegen.kernels.settings import num_splits
 
     for b in DECODE_BATCHES:
-        # As the engine does: the split count depends on the batch and the model's limit, not the lengths.
+        # The split count the kernel plans, as in the engine: from the batch and the model's limit, not the lengths.
         splits = num_splits(b, config.n_head, config.n_positions, config.head_dim, bench.elem, num_sms=bench.num_sms)
         for length in DECODE_CONTEXTS:
             _decode_case(bench, model, config, b, length, splits)
@@ -411,7 +411,7 @@ def bench_decode_attention(bench: Bench, model: str, config: ModelConfig) -> Non
 
 def _decode_case(bench: Bench, model: str, config: ModelConfig, b: int, length: int, splits: int) -> None:
     """One decode-attention row; its tensors are freed on return."""
-    from fastcodegen.kernels.decode_attention import decode_attention, paged_attention_reference
+    from fastcodegen.kernels.decode_attention import decode_attention
 
     h, hd = config.n_head, config.head_dim
     q, k, v = bench.randn(b, h, hd), bench.randn(b, length, h, hd), bench.randn(b, length, h, hd)
@@ -422,14 +422,16 @@ def _decode_case(bench: Bench, model: str, config: ModelConfig, b: int, length: 
     del k, v
 
     def ours():
-        return decode_attention(q, k_cache, v_cache, tables, lens, splits)
+        return decode_attention(
+            q, k_cache, v_cache, tables, lens, length, max_model_len=config.n_positions, num_sms=bench.num_sms
+        )
 
     def pytorch():
         return F.scaled_dot_product_attention(q4, k4, v4)
 
     def check() -> dict[str, float]:
         starts = torch.arange(b + 1, device=bench.device, dtype=torch.int32)
-        expect = paged_attention_reference(q, k_cache, v_cache, tables, lens, starts, 1, length)
+        expect = torch_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, 1, length)
         return {
             "out": check_error(ours(), expect, bench.tol),
             "pytorch path": check_error(pytorch().squeeze(2), expect, bench.tol),
@@ -443,7 +445,7 @@ def _decode_case(bench: Bench, model: str, config: ModelConfig, b: int, length: 
 
 
 def bench_prefill_attention(bench: Bench, model: str, config: ModelConfig) -> None:
-    from fastcodegen.kernels.prefill_attention import paged_attention, paged_attention_reference
+    from fastcodegen.kernels.prefill_attention import paged_attention
 
     h, hd = config.n_head, config.head_dim
     for t in PREFILL_PROMPTS:
@@ -461,7 +463,7 @@ def bench_prefill_attention(bench: Bench, model: str, config: ModelConfig) -> No
             return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
 
         def check() -> dict[str, float]:
-            expect = paged_attention_reference(q, k_cache, v_cache, tables, lens, starts, t, t)
+            expect = torch_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, t, t)
             return {
                 "out": check_error(ours(), expect, bench.tol),
                 "pytorch path": check_error(pytorch()[0].transpose(0, 1), expect, bench.tol),
@@ -582,12 +584,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     props = torch.cuda.get_device_properties(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    bench = Bench(device, dtype, Timer(device, args.warmup_ms, args.rep_ms), gen, props.multi_processor_count)
+    from fastcodegen.kernels.settings import device_sms
+
+    bench = Bench(device, dtype, Timer(device, args.warmup_ms, args.rep_ms), gen, device_sms(device))
     measure_ceilings(bench)
     models = [m for m in SIZES if m in args.models]
 
     print(
-        f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), {args.dtype}, "
+        f"{props.name} ({bench.num_sms} SMs, {props.total_memory / 2**30:.0f} GiB), {args.dtype}, "
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
     )
     print(
@@ -612,7 +616,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "date": datetime.date.today().isoformat(),
         "commit": commit(),
         "device": props.name,
-        "num_sms": props.multi_processor_count,
+        "num_sms": bench.num_sms,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,

@@ -1,8 +1,8 @@
 """Every kernel launch the engine makes, enumerated without a GPU.
 
-Runs engine steps through the "triton" backend's operations (`TritonOps`:
-in_proj, attention, out_proj, exactly as the model calls them) on meta
-tensors (shapes, no data) at the real shapes of codegen-350M, 2B, 6B and 16B
+Runs engine steps through the "triton" backend's operations (`Ops` over
+the Triton kernels' table: in_proj, attention, out_proj, exactly as the
+model calls them) on meta tensors (shapes, no data) at the real shapes of codegen-350M, 2B, 6B and 16B
 and at the tests' tiny shapes, and records the kernel launches instead of
 running them: the kernel, its grid, its arguments, and the specialisation
 Triton's JIT would compile for them (`signature`, `specialization_key`).
@@ -24,11 +24,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastcodegen.batch import Batch
 from fastcodegen.config import ModelConfig
+from fastcodegen.kernels.settings import DEFAULT_NUM_SMS
 from fastcodegen.kv_cache import KVCache
-from fastcodegen.models.triton_ops import TritonOps
+from fastcodegen.models.ops import Ops, triton_kernels
 from fastcodegen.registry import MODELS
+from fastcodegen.step import SHAPE_FIELDS, StepInputs
 from fastcodegen.weights import CodeGenWeights, tensor_shapes
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
@@ -56,7 +57,8 @@ class EngineShape:
     The model's geometry and dtype; the block-table width (max_model_len over
     block_size), a stride the kernels specialise on; the most rows of a
     decode step (max_num_seqs) and tokens of a step (max_num_batched_tokens);
-    the SM count the split-K plans are made for (132: H100 SXM and H200).
+    the SM count the split-K plans are made for (`DEFAULT_NUM_SMS`: H100 SXM
+    and H200).
     """
 
     label: str
@@ -66,7 +68,7 @@ class EngineShape:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     block_size: int = 16
-    num_sms: int = 132
+    num_sms: int = DEFAULT_NUM_SMS
 
     @property
     def table_width(self) -> int:
@@ -80,7 +82,7 @@ def engine_shapes(
     models: Iterable[str] = REAL_MODELS,
     dtypes: Iterable[torch.dtype] = (torch.float16, torch.bfloat16),
     test_shapes: bool = True,
-    num_sms: int = 132,
+    num_sms: int = DEFAULT_NUM_SMS,
 ) -> list[EngineShape]:
     """The real models at the engine's defaults (max_model_len = n_positions), then the tests' tiny models."""
     shapes = []
@@ -140,7 +142,7 @@ def warm_plan(
     models: Iterable[str] = REAL_MODELS,
     dtypes: Iterable[torch.dtype] = (torch.float16, torch.bfloat16),
     test_shapes: bool = True,
-    num_sms: int = 132,
+    num_sms: int = DEFAULT_NUM_SMS,
 ) -> list[tuple[EngineShape, list[Step]]]:
     """Every (shape, steps) whose launches a GPU run of the engine, its tests and benchmarks may make.
 
@@ -160,7 +162,7 @@ def warm_plan(
 class ShapeState:
     """What a shape's steps share: the ops backend, one layer's weights, one layer's K/V cache."""
 
-    ops: TritonOps
+    ops: Ops
     weights: CodeGenWeights
     k_cache: torch.Tensor
     v_cache: torch.Tensor
@@ -169,8 +171,7 @@ class ShapeState:
 def prepare(shape: EngineShape, device: torch.device = torch.device("meta")) -> ShapeState:
     """The "triton" backend's operations over one layer of meta tensors laid out as the engine lays them out."""
     c = shape.config
-    ops = TritonOps(c, device, shape.max_model_len)
-    ops.num_sms = shape.num_sms
+    ops = Ops(c, triton_kernels(c, device, shape.max_model_len, num_sms=shape.num_sms), device)
     named = ((name, torch.empty(s, device=device, dtype=shape.dtype)) for name, s in tensor_shapes(c).items())
     weights = CodeGenWeights.from_named(c, named)
     kv = KVCache(c, shape.table_width, shape.block_size, device, shape.dtype)
@@ -179,7 +180,7 @@ def prepare(shape: EngineShape, device: torch.device = torch.device("meta")) -> 
 
 
 def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
-    """One layer of `CodeGenModel.forward` over the step's Batch: the launches a real step makes, per layer."""
+    """One layer of `CodeGenModel.forward` over the step's inputs: the launches a real step makes, per layer."""
     device = state.k_cache.device
 
     def zeros(*size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +188,7 @@ def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
 
     t, r = step.tokens, step.rows
     # Slices of the model runner's persistent buffers start at their base: as aligned as fresh tensors.
-    batch = Batch(
+    tensors = dict(
         input_ids=zeros(t, dtype=torch.int64),
         positions=zeros(t, dtype=torch.int64),
         slot_mapping=zeros(t, dtype=torch.int64),
@@ -195,14 +196,19 @@ def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
         context_lens=zeros(r, dtype=torch.int32),
         query_start_loc=zeros(r + 1, dtype=torch.int32),
         logits_indices=zeros(r, dtype=torch.int64),
+    )
+    counts = dict(
+        num_rows=r, num_tokens=t, num_samples=r, num_host_sampled=0, num_copies=0,
         max_query_len=1 if step.kind == "decode" else min(t, shape.max_model_len),
         max_context_len=shape.max_model_len,
         is_decode=step.kind == "decode",
-    )
+    )  # fmt: skip
+    assert set(counts) == set(SHAPE_FIELDS)
+    inputs = StepInputs(counts, tensors)
     layer = state.weights.layers[0]
-    x = state.weights.wte[batch.input_ids]
-    q, g = state.ops.in_proj(x, layer, batch, state.k_cache, state.v_cache)
-    a = state.ops.attention(q, state.k_cache, state.v_cache, batch)
+    x = state.weights.wte[inputs.input_ids]
+    q, g = state.ops.in_proj(x, layer, inputs, state.k_cache, state.v_cache)
+    a = state.ops.attention(q, state.k_cache, state.v_cache, inputs)
     state.ops.out_proj(a, g, layer, x)
 
 

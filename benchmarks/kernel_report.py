@@ -3,15 +3,15 @@
     python benchmarks/kernel_report.py [--arch 90] [--dtypes float16 bfloat16] [--json] [--markdown FILE]
                                        [--quick] [--check] [--models ...] [--progress]
 
-The launches are the engine's own (`kernel_launches.py`: `TritonOps` run on
-meta tensors at the real shapes of codegen-350M, 2B, 6B and 16B, engine
-defaults, max_model_len = n_positions = 2048): decode steps of 1, 8, 32 and
-64 rows, every sequence at a context of 2048 tokens, and prefill steps of
-512 and 2048 tokens (one prompt each), in float16 and bfloat16. Each distinct
-specialisation is compiled ahead of time for sm_90 with Triton's compiler and
-ptxas (about three minutes on two cores; Triton keeps the results in its
-cache, ~/.triton/cache, so a rerun takes seconds), and every launch gets a
-row:
+The launches are the engine's own (`kernel_launches.py`: the model's `Ops`
+over the Triton kernels' table, run on meta tensors at the real shapes of
+codegen-350M, 2B, 6B and 16B, engine defaults, max_model_len = n_positions =
+2048): decode steps of 1, 8, 32 and 64 rows, every sequence at a context of
+2048 tokens, and prefill steps of 512 and 2048 tokens (one prompt each), in
+float16 and bfloat16. Each distinct specialisation is compiled ahead of time
+for sm_90 with Triton's compiler and ptxas (about three minutes on two cores;
+Triton keeps the results in its cache, ~/.triton/cache, so a rerun takes
+seconds), and every launch gets a row:
 
 * from the compiled kernel: grid (programs), warps, pipeline stages,
   registers per thread, shared memory, spills (`cuobjdump -res-usage`);

@@ -17,16 +17,86 @@ namespace {
 py::tuple hash_tuple(const BlockHash& h) { return py::make_tuple(h.a, h.b); }
 BlockHash tuple_hash(const py::tuple& t) { return {t[0].cast<uint64_t>(), t[1].cast<uint64_t>()}; }
 
+// The scheduler as Python holds it: with the arrays it writes, so that they
+// live as long as it may write them.
+struct BoundScheduler : Scheduler {
+  using Scheduler::Scheduler;
+  py::tuple buffers;
+};
+
+// The array bound to step field f, checked against the table and this scheduler's limits.
 template <typename T>
-T* buffer(py::array& a, const char* name, py::ssize_t min_size) {
-  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || !a.writeable()) {
-    throw std::invalid_argument(std::string("bind: ") + name + " must be a writable C-contiguous array of the right dtype");
+T* field_buffer(const py::dict& buffers, const Scheduler& s, const StepField& f, py::list& keep) {
+  const std::string name = f.name;
+  if (!buffers.contains(f.name)) throw std::invalid_argument("bind: no array for step field " + name);
+  py::handle obj = buffers[f.name];
+  if (!py::isinstance<py::array>(obj)) throw std::invalid_argument("bind: " + name + " must be a numpy array");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!py::isinstance<py::array_t<T>>(a)) {
+    const std::string got = py::str(a.dtype());
+    throw std::invalid_argument("bind: " + name + " must have dtype " + f.dtype + ", got " + got);
   }
-  if (a.size() < min_size) {
-    throw std::invalid_argument(std::string("bind: ") + name + " holds " + std::to_string(a.size()) + " elements, needs " +
-                                std::to_string(min_size));
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument("bind: " + name + " must be C-contiguous");
+  if (!a.writeable()) throw std::invalid_argument("bind: " + name + " must be writable");
+  py::ssize_t capacity = 1;
+  for (int64_t d : s.field_shape(f)) capacity *= d;
+  if (a.size() < capacity) {
+    throw std::invalid_argument("bind: " + name + " holds " + std::to_string(a.size()) + " elements, needs " +
+                                std::to_string(capacity));
   }
+  keep.append(a);
   return static_cast<T*>(a.mutable_data());
+}
+
+// Binds every field of FASTCODEGEN_STEP_FIELDS by name; nothing changes unless all are right.
+void bind_by_name(BoundScheduler& s, const py::dict& buffers) {
+  for (const auto& item : buffers) {
+    const std::string key = py::str(item.first);
+    bool known = false;
+    for (const StepField& f : kStepFields) known = known || key == f.name;
+    if (!known) throw std::invalid_argument("bind: no step field named " + key);
+  }
+  StepBuffers b;
+  py::list keep;
+  size_t i = 0;
+#define FASTCODEGEN_BIND_FIELD(name, ctype, dtype, capacity, count, extra, on_device) \
+  b.name = field_buffer<ctype>(buffers, s, kStepFields[i++], keep);
+  FASTCODEGEN_STEP_FIELDS(FASTCODEGEN_BIND_FIELD)
+#undef FASTCODEGEN_BIND_FIELD
+  s.bind(b);
+  s.buffers = py::tuple(keep);
+}
+
+py::list step_fields(const BoundScheduler& s) {
+  py::list out;
+  for (const StepField& f : kStepFields) {
+    const std::vector<int64_t> shape = s.field_shape(f);
+    out.append(py::make_tuple(f.name, f.dtype, py::tuple(py::cast(shape)), f.count, f.extra, f.on_device));
+  }
+  return out;
+}
+
+// update()'s events as (seq, request, index, row, finish, new_bytes) tuples.
+py::list update(BoundScheduler& s, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& sampled,
+                const py::object& finite) {
+  using Bools = py::array_t<bool, py::array::c_style | py::array::forcecast>;
+  Bools ok = finite.is_none() ? py::reinterpret_steal<Bools>(py::handle()) : Bools::ensure(finite);  // none: all finite
+  if (!finite.is_none()) {
+    if (!ok) throw std::invalid_argument("update: finite must be an array of bools");
+    if (ok.size() != sampled.size()) {
+      throw std::invalid_argument("update: finite has " + std::to_string(ok.size()) + " entries for " +
+                                  std::to_string(sampled.size()) + " sampled tokens");
+    }
+  }
+  const auto* ok_data = ok ? reinterpret_cast<const uint8_t*>(ok.data()) : nullptr;
+  const Events& ev = s.update(sampled.data(), ok_data, static_cast<int32_t>(sampled.size()));
+  py::list out(ev.events.size());
+  for (size_t i = 0; i < ev.events.size(); ++i) {
+    const Event& e = ev.events[i];
+    const py::bytes text(ev.bytes.data() + e.begin, e.end - e.begin);
+    out[i] = py::make_tuple(e.seq, e.request, e.index, e.row, e.finish, text);
+  }
+  return out;
 }
 
 }  // namespace
@@ -83,6 +153,15 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("data"), py::arg("final") = false);
 
+  py::dict reasons;
+#define FASTCODEGEN_FINISH_NAME(name, value, text) reasons[py::int_(static_cast<int>(name))] = text;
+  FASTCODEGEN_FINISH_REASONS(FASTCODEGEN_FINISH_NAME)
+#undef FASTCODEGEN_FINISH_NAME
+  m.attr("FINISH_REASONS") = reasons;  // finish code -> the finish_reason Python reports
+  m.attr("NOT_FINISHED") = static_cast<int>(kNotFinished);
+  m.def("default_max_samples", &default_max_samples, py::arg("max_num_seqs"),
+        "Sampled rows of a step when SchedulerConfig.max_samples is 0 (the engine's setting).");
+
   py::class_<SchedulerConfig>(m, "SchedulerConfig")
       .def(py::init<>())
       .def_readwrite("num_blocks", &SchedulerConfig::num_blocks)
@@ -104,8 +183,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("temperature", &RequestConfig::temperature)
       .def_readwrite("top_p", &RequestConfig::top_p)
       .def_readwrite("top_k", &RequestConfig::top_k)
-      .def_readwrite("special", &RequestConfig::special)
-      .def_readwrite("watch", &RequestConfig::watch)
+      .def_readwrite("host_sampled", &RequestConfig::host_sampled)
+      .def_readwrite("report_tokens", &RequestConfig::report_tokens)
       .def_readwrite("stop_token_ids", &RequestConfig::stop_token_ids)
       .def_readwrite("stop_strings", &RequestConfig::stop_strings);
 
@@ -114,11 +193,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_rows", &StepInfo::num_rows)
       .def_readwrite("num_tokens", &StepInfo::num_tokens)
       .def_readwrite("num_samples", &StepInfo::num_samples)
-      .def_readwrite("num_special", &StepInfo::num_special)
+      .def_readwrite("num_host_sampled", &StepInfo::num_host_sampled)
       .def_readwrite("num_copies", &StepInfo::num_copies)
       .def_readwrite("max_query_len", &StepInfo::max_query_len)
       .def_readwrite("max_context_len", &StepInfo::max_context_len)
-      .def_readwrite("is_decode", &StepInfo::is_decode);
+      .def_readwrite("is_decode", &StepInfo::is_decode)
+      .def(
+          "as_dict",
+          [](const StepInfo& i) {
+            return py::dict(py::arg("num_rows") = i.num_rows, py::arg("num_tokens") = i.num_tokens,
+                            py::arg("num_samples") = i.num_samples, py::arg("num_host_sampled") = i.num_host_sampled,
+                            py::arg("num_copies") = i.num_copies, py::arg("max_query_len") = i.max_query_len,
+                            py::arg("max_context_len") = i.max_context_len, py::arg("is_decode") = i.is_decode);
+          },
+          "Every field by name, in one call (a step reads them all).");
 
   py::class_<Stats>(m, "SchedulerStats")
       .def_readonly("computed_tokens", &Stats::computed_tokens)
@@ -126,39 +214,17 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("preemptions", &Stats::preemptions)
       .def_readonly("block_copies", &Stats::block_copies);
 
-  py::class_<Scheduler>(m, "Scheduler", "Continuous batching over the paged KV cache (see csrc/scheduler.h).")
+  py::class_<BoundScheduler>(m, "Scheduler", "Continuous batching over the paged KV cache (see csrc/scheduler.h).")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
-      .def(
-          "bind",
-          [](Scheduler& s, py::array input_ids, py::array positions, py::array slot_mapping, py::array query_start_loc,
-             py::array context_lens, py::array block_tables, py::array logits_indices, py::array temperature,
-             py::array top_k, py::array top_p, py::array sample_seq, py::array sample_index, py::array sample_request,
-             py::array special_rows, py::array copy_src, py::array copy_dst) {
-            const auto& c = s.config();
-            const py::ssize_t t = c.max_num_batched_tokens, r = c.max_num_seqs, n = c.max_samples;
-            StepBuffers b;
-            b.input_ids = buffer<int64_t>(input_ids, "input_ids", t);
-            b.positions = buffer<int64_t>(positions, "positions", t);
-            b.slot_mapping = buffer<int64_t>(slot_mapping, "slot_mapping", t);
-            b.query_start_loc = buffer<int32_t>(query_start_loc, "query_start_loc", r + 1);
-            b.context_lens = buffer<int32_t>(context_lens, "context_lens", r);
-            b.block_tables = buffer<int32_t>(block_tables, "block_tables", r * s.max_blocks_per_seq());
-            b.logits_indices = buffer<int64_t>(logits_indices, "logits_indices", n);
-            b.temperature = buffer<float>(temperature, "temperature", n);
-            b.top_k = buffer<int32_t>(top_k, "top_k", n);
-            b.top_p = buffer<float>(top_p, "top_p", n);
-            b.sample_seq = buffer<int64_t>(sample_seq, "sample_seq", n);
-            b.sample_index = buffer<int32_t>(sample_index, "sample_index", n);
-            b.sample_request = buffer<int64_t>(sample_request, "sample_request", n);
-            b.special_rows = buffer<int32_t>(special_rows, "special_rows", n);
-            b.copy_src = buffer<int64_t>(copy_src, "copy_src", r);
-            b.copy_dst = buffer<int64_t>(copy_dst, "copy_dst", r);
-            s.bind(b);
-          },
-          "Where schedule() writes; the arrays must outlive the scheduler's use of them.")
+      .def("step_fields", &step_fields,
+           "The step buffers schedule() writes, in table order: (name, dtype, shape, count, extra, on_device); "
+           "shape is the capacity under this scheduler's limits, a step uses its first StepInfo.<count> + extra rows.")
+      .def("bind", &bind_by_name, py::arg("buffers"),
+           "Where schedule() writes: {field name: numpy array} for every field of step_fields(); the scheduler keeps "
+           "the arrays alive.")
       .def(
           "set_vocabulary",
-          [](Scheduler& s, const std::vector<py::bytes>& token_bytes, const std::vector<int32_t>& special_ids) {
+          [](BoundScheduler& s, const std::vector<py::bytes>& token_bytes, const std::vector<int32_t>& special_ids) {
             std::vector<std::string> bytes;
             bytes.reserve(token_bytes.size());
             for (const auto& b : token_bytes) bytes.emplace_back(b);
@@ -167,55 +233,52 @@ PYBIND11_MODULE(_C, m) {
           py::arg("token_bytes"), py::arg("special_ids"))
       .def("add_request", &Scheduler::add_request, py::arg("prompt"), py::arg("config"))
       .def("abort", &Scheduler::abort, py::arg("request"))
-      .def("stop", &Scheduler::stop, py::arg("seq"), py::arg("cut_bytes"))
+      .def("stop", &Scheduler::stop, py::arg("seq"), "End a sequence with finish reason stop (a stop pattern matched).")
       .def("remove_request", &Scheduler::remove_request, py::arg("request"))
       .def("schedule", &Scheduler::schedule)
-      .def(
-          "update",
-          [](Scheduler& s, py::array_t<int32_t, py::array::c_style | py::array::forcecast> sampled) {
-            std::vector<Scheduler::Event> finished, watched;
-            s.update(sampled.data(), static_cast<int32_t>(sampled.size()), finished, watched);
-            return py::make_tuple(finished, watched);
-          },
-          py::arg("sampled"),
-          "Apply a step's sampled tokens; returns ([(seq, request)] finished, [(seq, request)] watched with new text).")
+      .def("update", &update, py::arg("sampled"), py::arg("finite") = py::none(),
+           "Apply a step's sampled tokens (and which rows had finite logits; None: all). Returns the events, in row "
+           "order: (seq, request, index, row, finish, new_bytes) for each sequence that finished and each token of a "
+           "request with report_tokens; row -1: a sibling ended with its request.")
       .def(
           "output_tokens",
-          [](const Scheduler& s, int64_t id) {
+          [](const BoundScheduler& s, int64_t id) {
             const Sequence& q = s.seq(id);
             return std::vector<int32_t>(q.tokens.begin() + q.num_prompt, q.tokens.end());
           },
           py::arg("seq"))
       .def(
-          "text", [](const Scheduler& s, int64_t id, size_t start, int64_t end) {
+          "text", [](const BoundScheduler& s, int64_t id, size_t start, int64_t end) {
             const std::string& t = s.seq(id).text;
             const size_t e = end < 0 ? t.size() : std::min<size_t>(static_cast<size_t>(end), t.size());
             return py::bytes(start < e ? t.substr(start, e - start) : std::string());
           },
           py::arg("seq"), py::arg("start") = 0, py::arg("end") = -1, "A sequence's text bytes [start, end).")
-      .def("text_len", [](const Scheduler& s, int64_t id) { return s.seq(id).text.size(); }, py::arg("seq"))
-      .def("stable_text_len", &Scheduler::stable_text_len, py::arg("seq"))
+      .def("stable_text_len", &Scheduler::stable_text_len, py::arg("seq"),
+           "Length of a sequence's text that no later token can take back.")
       .def(
           "seq_info",
-          [](const Scheduler& s, int64_t id) {
+          [](const BoundScheduler& s, int64_t id) {
             const Sequence& q = s.seq(id);
             return py::dict(py::arg("request") = q.req->id, py::arg("index") = q.index, py::arg("finish") = q.finish,
                             py::arg("stop_string") = q.stop_string, py::arg("stop_token") = q.stop_token,
                             py::arg("num_prompt") = q.num_prompt, py::arg("num_tokens") = q.num_tokens(),
                             py::arg("num_computed") = q.num_computed, py::arg("running") = q.running,
                             py::arg("waiting") = q.waiting, py::arg("blocks") = q.blocks,
-                            py::arg("copy_src") = q.copy_src);
+                            py::arg("copy_src") = q.copy_src, py::arg("reported") = q.reported);
           },
           py::arg("seq"))
       .def(
           "request_seqs",
-          [](const Scheduler& s, int64_t id) {
+          [](const BoundScheduler& s, int64_t id) {
             std::vector<int64_t> out;
             for (const Sequence* q : s.request(id).seqs) out.push_back(q->id);
             return out;
           },
           py::arg("request"))
-      .def("request_num_finished", [](const Scheduler& s, int64_t id) { return s.request(id).num_finished; }, py::arg("request"))
+      .def("request_num_finished", [](const BoundScheduler& s, int64_t id) { return s.request(id).num_finished; }, py::arg("request"))
+      .def_property_readonly(
+          "config", [](const BoundScheduler& s) { return s.config(); }, "The configuration, max_samples resolved.")
       .def_property_readonly("stats", &Scheduler::stats)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)

@@ -7,19 +7,46 @@
 
 namespace fastcodegen {
 
-Scheduler::Scheduler(const SchedulerConfig& cfg)
-    : cfg_(cfg),
-      max_blocks_((cfg.max_model_len + cfg.block_size - 1) / cfg.block_size),
-      pool_(cfg.num_blocks, cfg.block_size),
-      eos_(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end()) {
-  if (cfg.max_num_seqs <= 0 || cfg.max_model_len <= 0) throw std::invalid_argument("max_num_seqs and max_model_len must be positive");
-  if (cfg.max_num_batched_tokens < cfg.max_num_seqs) {
+namespace {
+
+// The config with its defaults filled in; checked before anything divides by it.
+SchedulerConfig resolved(SchedulerConfig cfg) {
+  if (cfg.block_size <= 0) throw std::invalid_argument("block_size must be positive");
+  if (cfg.max_num_seqs <= 0 || cfg.max_model_len <= 0) {
+    throw std::invalid_argument("max_num_seqs and max_model_len must be positive");
+  }
+  if (cfg.max_samples == 0) cfg.max_samples = default_max_samples(cfg.max_num_seqs);
+  return cfg;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : cfg_(resolved(config)),
+      max_blocks_((cfg_.max_model_len + cfg_.block_size - 1) / cfg_.block_size),
+      pool_(cfg_.num_blocks, cfg_.block_size),
+      eos_(cfg_.eos_token_ids.begin(), cfg_.eos_token_ids.end()) {
+  if (cfg_.max_num_batched_tokens < cfg_.max_num_seqs) {
     throw std::invalid_argument("max_num_batched_tokens must be at least max_num_seqs (a decode token for every row)");
   }
-  if (cfg.max_samples < cfg.max_num_seqs) throw std::invalid_argument("max_samples must be at least max_num_seqs");
-  if (cfg.num_blocks < max_blocks_) {
+  if (cfg_.max_samples < cfg_.max_num_seqs) throw std::invalid_argument("max_samples must be at least max_num_seqs");
+  if (cfg_.num_blocks < max_blocks_) {
     throw std::invalid_argument("the KV cache must hold one sequence of max_model_len tokens");
   }
+}
+
+std::vector<int64_t> Scheduler::field_shape(const StepField& f) const {
+  switch (f.capacity) {
+    case Capacity::kTokens:
+      return {cfg_.max_num_batched_tokens + f.extra};
+    case Capacity::kRows:
+      return {cfg_.max_num_seqs + f.extra};
+    case Capacity::kSamples:
+      return {cfg_.max_samples + f.extra};
+    case Capacity::kBlockTable:
+      return {cfg_.max_num_seqs + f.extra, max_blocks_};
+  }
+  throw std::logic_error(std::string("no capacity for step field ") + f.name);
 }
 
 void Scheduler::set_vocabulary(std::vector<std::string> token_bytes, const std::vector<int32_t>& special_ids) {
@@ -200,23 +227,35 @@ void Scheduler::preempt(Sequence* s) {
 int32_t Scheduler::samples_needed(const Sequence* s) const { return s->forked ? 1 : s->req->cfg.n; }
 
 // How many of s's remaining tokens fit the budget and the sample limit (0: none).
-int32_t Scheduler::plan_chunk(Sequence* s, int32_t budget, int32_t samples) {
+int32_t Scheduler::plan_chunk(Sequence* s, const Budget& budget) {
   const int32_t remaining = s->num_tokens() - s->num_computed;
-  int32_t chunk = std::min(remaining, budget);
-  if (chunk == remaining && samples + samples_needed(s) > cfg_.max_samples) chunk = remaining - 1;
+  int32_t chunk = std::min(remaining, budget.tokens);
+  if (chunk == remaining && budget.samples + samples_needed(s) > cfg_.max_samples) chunk = remaining - 1;
   return std::max(chunk, 0);
+}
+
+// s runs `chunk` tokens this step (its blocks already reserved).
+void Scheduler::take(Sequence* s, int32_t chunk, Budget& budget) {
+  s->q_len = chunk;
+  budget.tokens -= chunk;
+  if (s->num_computed + chunk == s->num_tokens()) budget.samples += samples_needed(s);
 }
 
 StepInfo Scheduler::schedule() {
   if (buf_.input_ids == nullptr) throw std::logic_error("schedule() before bind()");
-  int32_t budget = cfg_.max_num_batched_tokens;
-  int32_t samples = 0, copies = 0;  // copies are counted as the metadata is written
+  Budget budget{cfg_.max_num_batched_tokens, 0};
   for (Sequence* s : running_) s->q_len = 0;
+  schedule_decodes(budget);
+  continue_prompts(budget);
+  admit_waiting(budget);
+  return write_step();
+}
 
-  // 1. Decodes, oldest first; make room by preempting the youngest.
+// 1. Decodes, oldest first; make room by preempting the youngest.
+void Scheduler::schedule_decodes(Budget& budget) {
   for (size_t i = 0; i < by_age_.size(); ++i) {
     Sequence* s = by_age_[i];
-    if (s->num_computed != s->num_tokens() - 1 || samples + samples_needed(s) > cfg_.max_samples) continue;
+    if (s->num_computed != s->num_tokens() - 1 || budget.samples + samples_needed(s) > cfg_.max_samples) continue;
     bool ok = reserve(s, 1);
     while (!ok) {
       Sequence* victim = by_age_.back();
@@ -225,46 +264,49 @@ StepInfo Scheduler::schedule() {
       ok = reserve(s, 1);
     }
     if (!ok) break;  // s itself was the youngest: nothing after it is running
-    s->q_len = 1;
-    budget -= 1;
-    samples += samples_needed(s);
+    take(s, 1, budget);
   }
+}
 
-  // 2. Prompts under way, oldest first, in chunks of what the budget leaves.
-  for (size_t i = 0; i < by_age_.size() && budget > 0; ++i) {
+// How much of `chunk` fits in the blocks s has and the free ones; younger
+// unscheduled prompts are preempted if not even one token fits.
+int32_t Scheduler::prompt_room(Sequence* s, int32_t chunk) {
+  auto fits = [&]() {
+    const int64_t capacity = (static_cast<int64_t>(s->blocks.size()) + pool_.num_free()) * cfg_.block_size;
+    return static_cast<int32_t>(std::min<int64_t>(chunk, capacity - s->num_computed));
+  };
+  while (chunk > 0 && fits() <= 0) {
+    Sequence* victim = nullptr;
+    for (auto it = by_age_.rbegin(); it != by_age_.rend() && *it != s; ++it) {
+      if ((*it)->q_len == 0) {
+        victim = *it;
+        break;
+      }
+    }
+    if (victim == nullptr) break;
+    preempt(victim);
+  }
+  return std::min(chunk, fits());
+}
+
+// 2. Prompts under way, oldest first, in chunks of what the budget leaves.
+void Scheduler::continue_prompts(Budget& budget) {
+  for (size_t i = 0; i < by_age_.size() && budget.tokens > 0; ++i) {
     Sequence* s = by_age_[i];
     if (s->q_len > 0 || s->num_computed >= s->num_tokens() - 1) continue;
-    int32_t chunk = plan_chunk(s, budget, samples);
-    // What fits in the blocks it has and the free ones; preempt younger
-    // unscheduled prompts if not even one token fits.
-    auto fits = [&]() {
-      const int64_t capacity = (static_cast<int64_t>(s->blocks.size()) + pool_.num_free()) * cfg_.block_size;
-      return static_cast<int32_t>(std::min<int64_t>(chunk, capacity - s->num_computed));
-    };
-    while (chunk > 0 && fits() <= 0) {
-      Sequence* victim = nullptr;
-      for (auto it = by_age_.rbegin(); it != by_age_.rend() && *it != s; ++it) {
-        if ((*it)->q_len == 0) {
-          victim = *it;
-          break;
-        }
-      }
-      if (victim == nullptr) break;
-      preempt(victim);
-    }
-    chunk = std::min(chunk, fits());
+    const int32_t chunk = prompt_room(s, plan_chunk(s, budget));
     if (chunk <= 0) continue;
     reserve(s, chunk);  // fits: cannot fail
-    s->q_len = chunk;
-    budget -= chunk;
-    if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
+    take(s, chunk, budget);
   }
+}
 
-  // 3. Admit waiting sequences in arrival order while a row, budget and blocks allow.
-  while (!waiting_.empty() && budget > 0 && static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs) {
+// 3. Admit waiting sequences in arrival order while a row, budget and blocks allow.
+void Scheduler::admit_waiting(Budget& budget) {
+  while (!waiting_.empty() && budget.tokens > 0 && static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs) {
     Sequence* s = waiting_.front();
     match_prefix(s);
-    const int32_t chunk = plan_chunk(s, budget, samples);
+    const int32_t chunk = plan_chunk(s, budget);
     const int32_t need = blocks_for(s->num_computed + chunk) - static_cast<int32_t>(s->blocks.size());
     const int64_t spare = running_.empty() ? 0 : cfg_.watermark_blocks;
     if (chunk <= 0 || need + spare > pool_.num_free()) {
@@ -275,62 +317,65 @@ StepInfo Scheduler::schedule() {
     waiting_.pop_front();
     admit(s);
     reserve(s, chunk);
-    s->q_len = chunk;
-    budget -= chunk;
-    if (s->num_computed + chunk == s->num_tokens()) samples += samples_needed(s);
+    take(s, chunk, budget);
   }
+}
 
-  // The step's metadata, row by row in slot order.
+// The step's metadata, row by row in slot order.
+StepInfo Scheduler::write_step() {
   StepInfo info;
-  const int32_t bs = cfg_.block_size;
-  int32_t t = 0, n_samples = 0, n_special = 0, min_q = INT32_MAX;
+  int32_t min_q = INT32_MAX;
   samples_.clear();
   buf_.query_start_loc[0] = 0;
   for (size_t r = 0; r < running_.size(); ++r) {
     Sequence* s = running_[r];
     if (s->copy_src >= 0) {  // new this step, or left over from a step that did not complete
-      buf_.copy_src[copies] = s->copy_src;
-      buf_.copy_dst[copies] = s->copy_dst;
-      ++copies;
+      buf_.copy_src[info.num_copies] = s->copy_src;
+      buf_.copy_dst[info.num_copies] = s->copy_dst;
+      ++info.num_copies;
     }
-    const int32_t start = s->num_computed, k = s->q_len;
-    for (int32_t p = start; p < start + k; ++p, ++t) {
-      buf_.input_ids[t] = s->tokens[p];
-      buf_.positions[t] = p;
-      buf_.slot_mapping[t] = static_cast<int64_t>(s->blocks[p / bs]) * bs + p % bs;
-    }
-    buf_.query_start_loc[r + 1] = t;
-    buf_.context_lens[r] = start + k;
+    const int32_t k = s->q_len, context = s->num_computed + k;
+    write_tokens(s, info.num_tokens);
+    info.num_tokens += k;
+    buf_.query_start_loc[r + 1] = info.num_tokens;
+    buf_.context_lens[r] = context;
     info.max_query_len = std::max(info.max_query_len, k);
-    info.max_context_len = std::max(info.max_context_len, start + k);
+    info.max_context_len = std::max(info.max_context_len, context);
     min_q = std::min(min_q, k);
-    if (k > 0 && start + k == s->num_tokens()) {
-      const RequestConfig& c = s->req->cfg;
-      const int32_t n = samples_needed(s);
-      // Forks first, the prompt sequence's own token last (update() forks from the unextended prompt).
-      for (int32_t j = 0; j < n; ++j) {
-        const int32_t index = n == 1 ? s->index : (j + 1) % n;
-        buf_.logits_indices[n_samples] = t - 1;
-        buf_.temperature[n_samples] = c.temperature;
-        buf_.top_k[n_samples] = c.top_k;
-        buf_.top_p[n_samples] = c.top_p;
-        buf_.sample_seq[n_samples] = s->id;
-        buf_.sample_index[n_samples] = index;
-        buf_.sample_request[n_samples] = s->req->id;
-        if (c.special) buf_.special_rows[n_special++] = n_samples;
-        samples_.emplace_back(index, s);
-        ++n_samples;
-      }
-    }
+    if (k > 0 && context == s->num_tokens()) write_samples(s, info.num_tokens - 1, info);
   }
-  stats_.computed_tokens += t;
+  stats_.computed_tokens += info.num_tokens;
   info.num_rows = static_cast<int32_t>(running_.size());
-  info.num_tokens = t;
-  info.num_samples = n_samples;
-  info.num_special = n_special;
-  info.num_copies = copies;
   info.is_decode = info.num_rows > 0 && min_q == 1 && info.max_query_len == 1;
   return info;
+}
+
+// s's tokens of the step, from index t of the step's tokens on.
+void Scheduler::write_tokens(const Sequence* s, int32_t t) {
+  const int32_t bs = cfg_.block_size, start = s->num_computed;
+  for (int32_t p = start; p < start + s->q_len; ++p, ++t) {
+    buf_.input_ids[t] = s->tokens[p];
+    buf_.positions[t] = p;
+    buf_.slot_mapping[t] = static_cast<int64_t>(s->blocks[p / bs]) * bs + p % bs;
+  }
+}
+
+// The rows sampled from the logits of s's last token: one, or n for a prompt about to fork.
+void Scheduler::write_samples(Sequence* s, int32_t logits_index, StepInfo& info) {
+  const RequestConfig& c = s->req->cfg;
+  const int32_t n = samples_needed(s);
+  // Forks first, the prompt sequence's own token last (update() forks from the unextended prompt).
+  for (int32_t j = 0; j < n; ++j) {
+    const int32_t row = info.num_samples++, index = n == 1 ? s->index : (j + 1) % n;
+    buf_.logits_indices[row] = logits_index;
+    buf_.temperature[row] = c.temperature;
+    buf_.top_k[row] = c.top_k;
+    buf_.top_p[row] = c.top_p;
+    buf_.sample_index[row] = index;
+    buf_.sample_request[row] = s->req->id;
+    if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
+    samples_.emplace_back(index, s);
+  }
 }
 
 // ---------------------------------------------------------------------------- outputs
@@ -355,16 +400,16 @@ Sequence* Scheduler::fork(Sequence* parent, int32_t index) {
   return s;
 }
 
-void Scheduler::append(Sequence* s, int32_t token, std::vector<Event>& finished) {
+void Scheduler::append(Sequence* s, int32_t token) {
   const RequestConfig& c = s->req->cfg;
   s->tokens.push_back(token);
   if (!c.ignore_eos && eos_.count(token)) {
-    finish(s, kStop, -1, &finished);
+    finish(s, kStop, -1);
     return;
   }
   if (std::find(c.stop_token_ids.begin(), c.stop_token_ids.end(), token) != c.stop_token_ids.end()) {
     s->stop_token = token;
-    finish(s, kStop, -1, &finished);
+    finish(s, kStop, -1);
     return;
   }
   if (!token_bytes_.empty() && token >= 0 && static_cast<size_t>(token) < token_bytes_.size() &&
@@ -373,6 +418,9 @@ void Scheduler::append(Sequence* s, int32_t token, std::vector<Event>& finished)
     const std::string& bytes = token_bytes_[token];
     s->utf8.decode(bytes.data(), bytes.size(), s->text);
     if (s->text.size() > old && !c.stop_strings.empty()) {
+      // A match ends in the new bytes (the old text had none), so it starts
+      // at or after old - max_stop_len + 1: never before stable_text_len() of
+      // the old text, and so never inside text already reported.
       const size_t from = old >= s->req->max_stop_len ? old - s->req->max_stop_len + 1 : 0;
       size_t best = std::string::npos;
       for (size_t k = 0; k < c.stop_strings.size(); ++k) {
@@ -383,15 +431,15 @@ void Scheduler::append(Sequence* s, int32_t token, std::vector<Event>& finished)
         }
       }
       if (best != std::string::npos) {
-        finish(s, kStop, static_cast<int64_t>(best), &finished);
+        finish(s, kStop, static_cast<int64_t>(best));
         return;
       }
     }
   }
-  if (s->num_output() >= c.max_tokens || s->num_tokens() >= cfg_.max_model_len) finish(s, kLength, -1, &finished);
+  if (s->num_output() >= c.max_tokens || s->num_tokens() >= cfg_.max_model_len) finish(s, kLength, -1);
 }
 
-void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Event>* finished) {
+void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut) {
   if (s->finish != kNotFinished) return;
   if (cut >= 0) {
     s->text.resize(std::min<size_t>(static_cast<size_t>(cut), s->text.size()));
@@ -407,7 +455,36 @@ void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Eve
   if (!s->blocks.empty()) release_blocks(s);
   s->q_len = 0;
   ++s->req->num_finished;
-  if (finished) finished->emplace_back(s->id, s->req->id);
+}
+
+// Sampled row `row` of s held non-finite logits: the whole request ends with
+// kError, s's event first (on that row), then its siblings' (row -1).
+void Scheduler::fail_request(Sequence* s, int32_t row) {
+  finish(s, kError, -1);
+  report(s, row, s->text.size());
+  for (Sequence* q : s->req->seqs) {
+    if (q->finish != kNotFinished) continue;
+    finish(q, kError, -1);
+    report(q, -1, q->text.size());
+  }
+}
+
+// An event for s with its text from what was reported up to `end`.
+void Scheduler::report(Sequence* s, int32_t row, size_t end) {
+  if (end < s->reported || end > s->text.size()) {
+    throw std::logic_error("a sequence's text was cut before what was reported");
+  }
+  Event e;
+  e.seq = s->id;
+  e.request = s->req->id;
+  e.index = s->index;
+  e.row = row;
+  e.finish = s->finish;
+  e.begin = events_.bytes.size();
+  events_.bytes.append(s->text, s->reported, end - s->reported);
+  e.end = events_.bytes.size();
+  events_.events.push_back(e);
+  s->reported = end;
 }
 
 // What append() will touch for a sequence, fetched a few rows ahead: a step
@@ -422,11 +499,12 @@ void Scheduler::prefetch_append(const Sequence* s, int32_t token) const {
   if (token >= 0 && static_cast<size_t>(token) < token_bytes_.size()) __builtin_prefetch(&token_bytes_[token]);
 }
 
-void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& finished, std::vector<Event>& watched) {
+const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, int32_t n) {
   if (n != static_cast<int32_t>(samples_.size())) {
     throw std::invalid_argument("update() got " + std::to_string(n) + " tokens for " + std::to_string(samples_.size()) +
                                 " sampled rows");
   }
+  events_.clear();
   // The step's tokens are in the cache now, and its block copies made.
   for (Sequence* s : running_) {
     s->num_computed += s->q_len;
@@ -436,8 +514,10 @@ void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& fi
   for (int32_t j = 0; j < n; ++j) {
     if (j + kPrefetchAhead < n) prefetch_append(samples_[j + kPrefetchAhead].second, sampled[j + kPrefetchAhead]);
     auto [index, s] = samples_[j];
-    if (s == nullptr || s->finish != kNotFinished) {  // aborted or removed since schedule()
-      buf_.sample_seq[j] = -1;
+    // Aborted, stopped or removed since schedule(), or its request failed on an earlier row.
+    if (s == nullptr || s->finish != kNotFinished) continue;
+    if (finite != nullptr && !finite[j]) {
+      fail_request(s, j);
       continue;
     }
     Sequence* target = s;
@@ -446,18 +526,19 @@ void Scheduler::update(const int32_t* sampled, int32_t n, std::vector<Event>& fi
     } else if (!s->forked) {
       s->forked = true;  // the prompt sequence keeps completion 0
     }
-    buf_.sample_seq[j] = target->id;
-    const bool watch = target->req->cfg.watch;
-    const size_t before = target->text.size();
-    append(target, sampled[j], finished);
-    if (watch && target->finish == kNotFinished && target->text.size() > before) watched.emplace_back(target->id, target->req->id);
+    append(target, sampled[j]);
+    if (target->finish != kNotFinished) {
+      report(target, j, target->text.size());
+    } else if (target->req->cfg.report_tokens) {
+      report(target, j, stable_len(*target));
+    }
   }
   for (Sequence* s : running_) s->q_len = 0;
   samples_.clear();
+  return events_;
 }
 
-size_t Scheduler::stable_text_len(int64_t id) const {
-  const Sequence& s = seq(id);
+size_t Scheduler::stable_len(const Sequence& s) const {
   if (s.finish != kNotFinished || s.req->max_stop_len == 0) return s.text.size();
   const size_t hold = s.req->max_stop_len - 1;
   return utf8_floor(s.text, s.text.size() > hold ? s.text.size() - hold : 0);
@@ -466,20 +547,20 @@ size_t Scheduler::stable_text_len(int64_t id) const {
 void Scheduler::abort(int64_t request) {
   auto it = requests_.find(request);
   if (it == requests_.end()) return;
-  for (Sequence* s : it->second->seqs) finish(s, kAbort, -1, nullptr);
+  for (Sequence* s : it->second->seqs) finish(s, kAbort, -1);
 }
 
-void Scheduler::stop(int64_t id, int64_t cut_bytes) {
+void Scheduler::stop(int64_t id) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) throw std::out_of_range("no sequence " + std::to_string(id));
-  finish(it->second.get(), kStop, cut_bytes, nullptr);
+  finish(it->second.get(), kStop, -1);
 }
 
 void Scheduler::remove_request(int64_t request) {
   auto it = requests_.find(request);
   if (it == requests_.end()) return;
   for (Sequence* s : it->second->seqs) {
-    if (s->finish == kNotFinished) finish(s, kAbort, -1, nullptr);
+    if (s->finish == kNotFinished) finish(s, kAbort, -1);
     for (auto& sample : samples_) {
       if (sample.second == s) sample.second = nullptr;  // rows keep their places; update() skips them
     }
@@ -498,6 +579,7 @@ void Scheduler::check() const {
     if (s->running && s->waiting) throw std::logic_error("sequence both running and waiting");
     if (!s->running && !s->waiting && !s->blocks.empty()) throw std::logic_error("idle sequence holds blocks");
     if (s->num_computed > s->num_tokens()) throw std::logic_error("computed past the end");
+    if (s->reported > s->text.size()) throw std::logic_error("reported past the end of the text");
     if (static_cast<int32_t>(s->blocks.size()) < blocks_for(s->num_computed)) throw std::logic_error("computed without blocks");
     if (s->running) {
       const int32_t* row = buf_.block_tables + static_cast<size_t>(s->slot) * max_blocks_;

@@ -6,11 +6,14 @@
 //   schedule()  picks the step's tokens and writes the step's metadata
 //               (token ids, positions, KV slots, query starts, context lengths,
 //               block-table rows, which logits to sample with what parameters,
-//               block copies) into arrays the caller bound once;
+//               block copies) into arrays the caller bound once, one per field
+//               of FASTCODEGEN_STEP_FIELDS;
 //   update()    appends the sampled tokens, checks end-of-text, stop tokens,
 //               stop strings and lengths, detokenizes incrementally, publishes
 //               full blocks to the prefix cache, frees finished sequences'
-//               blocks, and reports which sequences finished.
+//               blocks, and reports events: each sequence that finished, and
+//               each token of a request that asked for them, with the text
+//               bytes not reported before.
 //
 // Policy, per step, first come first served:
 //   1. every running sequence ready to decode gets its one token (a full
@@ -27,6 +30,7 @@
 // sharing the prompt's blocks.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -46,11 +50,17 @@ struct SchedulerConfig {
   int32_t max_num_seqs = 256;            // rows of a step
   int32_t max_num_batched_tokens = 8192; // tokens of a step
   int32_t max_model_len = 2048;
-  int32_t max_samples = 512;             // sampled rows of a step (n-sample forks need n)
+  int32_t max_samples = 0;               // sampled rows of a step; 0: 2 * max_num_seqs (room for n-sample forks)
   int32_t watermark_blocks = 0;          // kept free when admitting
   bool enable_prefix_caching = true;
   std::vector<int32_t> eos_token_ids;
 };
+
+// The sampled rows of a step when max_samples is 0: a row per sequence, and as
+// many again for n-sample forks.
+inline int32_t default_max_samples(int32_t max_num_seqs) {
+  return static_cast<int32_t>(std::min<int64_t>(2LL * max_num_seqs, INT32_MAX));
+}
 
 struct RequestConfig {
   int32_t n = 1;
@@ -60,13 +70,25 @@ struct RequestConfig {
   float temperature = 1.0f;
   float top_p = 1.0f;
   int32_t top_k = 0;
-  bool special = false;  // seeded or wants logprobs: Python handles its sampled rows itself
-  bool watch = false;    // Python wants to see its new text every step (streaming, stop patterns)
+  bool host_sampled = false;   // seeded or wants logprobs: Python samples its rows itself
+  bool report_tokens = false;  // an event for every token (streaming, stop patterns, logprobs)
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> stop_strings;  // UTF-8
 };
 
-enum Finish : int32_t { kNotFinished = 0, kStop = 1, kLength = 2, kAbort = 3 };
+// Why a sequence ended: X(enumerator, value, the name Python shows).
+#define FASTCODEGEN_FINISH_REASONS(X) \
+  X(kStop, 1, "stop")                 \
+  X(kLength, 2, "length")             \
+  X(kAbort, 3, "abort")               \
+  X(kError, 4, "error") /* the model produced non-finite logits */
+
+enum Finish : int32_t {
+  kNotFinished = 0,
+#define FASTCODEGEN_FINISH_ENUM(name, value, text) name = value,
+  FASTCODEGEN_FINISH_REASONS(FASTCODEGEN_FINISH_ENUM)
+#undef FASTCODEGEN_FINISH_ENUM
+};
 
 struct Request;
 
@@ -91,6 +113,7 @@ struct Sequence {
   uint64_t age = 0;           // admission order
   int32_t q_len = 0;          // tokens scheduled this step
   std::string text;           // decoded output, UTF-8
+  size_t reported = 0;        // bytes of `text` handed to Python in events
   Utf8Decoder utf8;
   int32_t finish = kNotFinished;
   int32_t stop_string = -1;   // which stop string ended it
@@ -109,34 +132,100 @@ struct Request {
 };
 
 struct StepInfo {
-  int32_t num_rows = 0;      // rows of the batch: every running sequence, in slot order
-  int32_t num_tokens = 0;    // tokens computed this step
-  int32_t num_samples = 0;   // logits rows to sample
-  int32_t num_special = 0;   // of those, rows Python samples itself (seeded / logprobs)
-  int32_t num_copies = 0;    // block copies to make before the forward
+  int32_t num_rows = 0;          // rows of the batch: every running sequence, in slot order
+  int32_t num_tokens = 0;        // tokens computed this step
+  int32_t num_samples = 0;       // logits rows to sample
+  int32_t num_host_sampled = 0;  // of those, rows Python samples itself (seeded / logprobs)
+  int32_t num_copies = 0;        // block copies to make before the forward
   int32_t max_query_len = 0;
   int32_t max_context_len = 0;
-  bool is_decode = false;    // every row has exactly one new token
+  bool is_decode = false;        // every row has exactly one new token
 };
+
+// A step buffer's first dimension: max_num_batched_tokens, max_num_seqs or
+// max_samples (block tables: max_num_seqs rows of max_blocks_per_seq).
+enum class Capacity : int32_t { kTokens, kRows, kSamples, kBlockTable };
+
+// Every buffer schedule() writes, once:
+//   X(name, C type, dtype, capacity, count, extra, on_device)
+// A buffer holds `capacity` (+ extra) rows; a step uses the first
+// StepInfo::count (+ extra) of them. on_device: the model or the sampler reads
+// it on the accelerator (else only Python reads it, on the host).
+#define FASTCODEGEN_STEP_FIELDS(X)                                                                                     \
+  X(input_ids, int64_t, "int64", kTokens, num_tokens, 0, true)                                                         \
+  X(positions, int64_t, "int64", kTokens, num_tokens, 0, true)                                                         \
+  X(slot_mapping, int64_t, "int64", kTokens, num_tokens, 0, true)               /* KV slot of each token */            \
+  X(query_start_loc, int32_t, "int32", kRows, num_rows, 1, true)                /* row r: tokens [qsl[r], qsl[r+1]) */ \
+  X(context_lens, int32_t, "int32", kRows, num_rows, 0, true)                                                          \
+  X(block_tables, int32_t, "int32", kBlockTable, num_rows, 0, true)             /* rows follow the slots */            \
+  X(logits_indices, int64_t, "int64", kSamples, num_samples, 0, true)           /* token of each sampled row */        \
+  X(temperature, float, "float32", kSamples, num_samples, 0, true)                                                     \
+  X(top_k, int32_t, "int32", kSamples, num_samples, 0, true)                                                           \
+  X(top_p, float, "float32", kSamples, num_samples, 0, true)                                                           \
+  X(sample_index, int32_t, "int32", kSamples, num_samples, 0, false)            /* completion index of the token */    \
+  X(sample_request, int64_t, "int64", kSamples, num_samples, 0, false)                                                 \
+  X(host_sampled_rows, int32_t, "int32", kSamples, num_host_sampled, 0, false)  /* rows Python samples */              \
+  X(copy_src, int64_t, "int64", kRows, num_copies, 0, false)                    /* copies before the forward */        \
+  X(copy_dst, int64_t, "int64", kRows, num_copies, 0, false)
 
 // Where schedule() writes; the caller allocates these once and keeps them alive.
 struct StepBuffers {
-  int64_t* input_ids = nullptr;        // [max_num_batched_tokens]
-  int64_t* positions = nullptr;        // [max_num_batched_tokens]
-  int64_t* slot_mapping = nullptr;     // [max_num_batched_tokens]
-  int32_t* query_start_loc = nullptr;  // [max_num_seqs + 1]
-  int32_t* context_lens = nullptr;     // [max_num_seqs]
-  int32_t* block_tables = nullptr;     // [max_num_seqs, max_blocks_per_seq]; rows follow the slots
-  int64_t* logits_indices = nullptr;   // [max_samples] token index of each sampled row
-  float* temperature = nullptr;        // [max_samples]
-  int32_t* top_k = nullptr;            // [max_samples]
-  float* top_p = nullptr;              // [max_samples]
-  int64_t* sample_seq = nullptr;       // [max_samples] the sequence sampled (after update: the one that got the token)
-  int32_t* sample_index = nullptr;     // [max_samples] completion index of the token
-  int64_t* sample_request = nullptr;   // [max_samples]
-  int32_t* special_rows = nullptr;     // [max_samples]
-  int64_t* copy_src = nullptr;         // [max_num_seqs] blocks to copy before the forward
-  int64_t* copy_dst = nullptr;         // [max_num_seqs]
+#define FASTCODEGEN_STEP_MEMBER(name, ctype, dtype, capacity, count, extra, on_device) ctype* name = nullptr;
+  FASTCODEGEN_STEP_FIELDS(FASTCODEGEN_STEP_MEMBER)
+#undef FASTCODEGEN_STEP_MEMBER
+};
+
+// One row of the table, as the bindings hand it out.
+struct StepField {
+  const char* name;
+  const char* dtype;
+  Capacity capacity;
+  const char* count;  // the StepInfo member that sizes a step's part
+  int32_t extra;
+  bool on_device;
+};
+
+inline constexpr StepField kStepFields[] = {
+#define FASTCODEGEN_STEP_ROW(name, ctype, dtype, capacity, count, extra, on_device) \
+  {#name, dtype, Capacity::capacity, #count, extra, on_device},
+    FASTCODEGEN_STEP_FIELDS(FASTCODEGEN_STEP_ROW)
+#undef FASTCODEGEN_STEP_ROW
+};
+
+// The table's dtype column must name its C type.
+template <typename T>
+constexpr const char* dtype_name();
+template <>
+constexpr const char* dtype_name<int64_t>() { return "int64"; }
+template <>
+constexpr const char* dtype_name<int32_t>() { return "int32"; }
+template <>
+constexpr const char* dtype_name<float>() { return "float32"; }
+constexpr bool same_name(const char* a, const char* b) { return *a == *b && (*a == '\0' || same_name(a + 1, b + 1)); }
+#define FASTCODEGEN_STEP_DTYPE(name, ctype, dtype, capacity, count, extra, on_device) \
+  static_assert(same_name(dtype_name<ctype>(), dtype), #name ": dtype and C type disagree");
+FASTCODEGEN_STEP_FIELDS(FASTCODEGEN_STEP_DTYPE)
+#undef FASTCODEGEN_STEP_DTYPE
+
+// What update() tells Python about one sequence: it finished (finish != 0),
+// or its request reports every token. Its new text is bytes [begin, end) of
+// the update's byte arena.
+struct Event {
+  int64_t seq = 0;
+  int64_t request = 0;
+  int32_t index = 0;   // completion index
+  int32_t row = -1;    // sampled row of the step, or -1 (a sibling ended with it)
+  int32_t finish = kNotFinished;
+  size_t begin = 0, end = 0;
+};
+
+struct Events {
+  std::vector<Event> events;
+  std::string bytes;
+  void clear() {
+    events.clear();
+    bytes.clear();
+  }
 };
 
 struct Stats {
@@ -151,36 +240,37 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& cfg);
 
   void bind(const StepBuffers& buffers) { buf_ = buffers; }
+  // The shape of a step buffer under this scheduler's limits.
+  std::vector<int64_t> field_shape(const StepField& f) const;
   // token id -> its bytes (byte-level BPE); special tokens are skipped from
   // text when a request asks so. Without it, sequences have no text.
   void set_vocabulary(std::vector<std::string> token_bytes, const std::vector<int32_t>& special_ids);
 
   int64_t add_request(const std::vector<int32_t>& prompt, const RequestConfig& cfg);
   void abort(int64_t request);
-  // Ends a sequence from outside (a stop pattern matched): text cut at
-  // `cut_bytes` (or kept whole if negative), finish reason stop.
-  void stop(int64_t seq, int64_t cut_bytes);
+  // Ends a sequence from outside (a stop pattern matched; Python cut its
+  // text): finish reason stop.
+  void stop(int64_t seq);
   // Forgets a finished request.
   void remove_request(int64_t request);
 
   StepInfo schedule();
-  // sampled[i] is the token drawn for sampled row i of the last schedule().
-  // Appends (sequence id, request id) of each sequence that finished to
-  // `finished`, and of each running sequence of a watched request whose text
-  // grew to `watched`.
-  using Event = std::pair<int64_t, int64_t>;
-  void update(const int32_t* sampled, int32_t n, std::vector<Event>& finished, std::vector<Event>& watched);
+  // sampled[i] is the token drawn for sampled row i of the last schedule();
+  // finite[i] == 0 (finite may be null: all finite) says that row's logits
+  // were not finite, which ends its request with kError. Returns the events,
+  // in row order, valid until the next update().
+  const Events& update(const int32_t* sampled, const uint8_t* finite, int32_t n);
 
   const Sequence& seq(int64_t id) const;
   const Request& request(int64_t id) const;
   // Length of a running sequence's text that no later token can take back.
-  size_t stable_text_len(int64_t seq) const;
+  size_t stable_text_len(int64_t seq) const { return stable_len(this->seq(seq)); }
 
   bool has_unfinished() const { return !running_.empty() || !waiting_.empty(); }
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t max_blocks_per_seq() const { return max_blocks_; }
-  const SchedulerConfig& config() const { return cfg_; }
+  const SchedulerConfig& config() const { return cfg_; }  // max_samples resolved
   const Stats& stats() const { return stats_; }
   BlockPool& pool() { return pool_; }
   const BlockPool& pool() const { return pool_; }
@@ -188,12 +278,26 @@ class Scheduler {
   void check() const;
 
  private:
+  // What a step has left while schedule() fills it.
+  struct Budget {
+    int32_t tokens = 0;
+    int32_t samples = 0;
+  };
+
   int32_t blocks_for(int32_t tokens) const { return (tokens + cfg_.block_size - 1) / cfg_.block_size; }
   const BlockHash& hash_at(Sequence* s, int32_t i);
   void match_prefix(Sequence* s);
   bool reserve(Sequence* s, int32_t tokens);
   int32_t samples_needed(const Sequence* s) const;
-  int32_t plan_chunk(Sequence* s, int32_t budget, int32_t samples);
+  int32_t plan_chunk(Sequence* s, const Budget& budget);
+  int32_t prompt_room(Sequence* s, int32_t chunk);
+  void take(Sequence* s, int32_t chunk, Budget& budget);
+  void schedule_decodes(Budget& budget);
+  void continue_prompts(Budget& budget);
+  void admit_waiting(Budget& budget);
+  StepInfo write_step();
+  void write_tokens(const Sequence* s, int32_t t);
+  void write_samples(Sequence* s, int32_t logits_index, StepInfo& info);
   void admit(Sequence* s);
   void remove_running(Sequence* s);
   void preempt(Sequence* s);
@@ -202,10 +306,13 @@ class Scheduler {
   int32_t copy_holds(int32_t block) const;
   void write_row(const Sequence* s);
   void publish_computed(Sequence* s);
-  void append(Sequence* s, int32_t token, std::vector<Event>& finished);
+  void append(Sequence* s, int32_t token);
   void prefetch_append(const Sequence* s, int32_t token) const;
   static constexpr int32_t kPrefetchAhead = 6;
-  void finish(Sequence* s, int32_t reason, int64_t cut, std::vector<Event>* finished);
+  void finish(Sequence* s, int32_t reason, int64_t cut);
+  void fail_request(Sequence* s, int32_t row);
+  void report(Sequence* s, int32_t row, size_t end);
+  size_t stable_len(const Sequence& s) const;
   Sequence* fork(Sequence* parent, int32_t index);
   Sequence* new_sequence(Request* req, int32_t index);
 
@@ -223,6 +330,7 @@ class Scheduler {
   std::deque<Sequence*> waiting_;
   std::unordered_map<int32_t, int32_t> copy_holds_;  // block -> pending copies reading it
   std::vector<std::pair<int32_t, Sequence*>> samples_;  // last schedule(): (completion index, sequence) per row
+  Events events_;  // of the last update(); reused so that a step allocates nothing for them
   int64_t next_seq_ = 0, next_request_ = 0;
   uint64_t next_age_ = 0;
   Stats stats_;

@@ -9,7 +9,9 @@ of official checkpoints in `registry.py`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -221,7 +223,39 @@ def parse_device(device: "str | torch.device") -> torch.device:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Settings of one engine; `Engine.__init__` documents each."""
+    """Settings of one engine: `Engine`'s keyword arguments, resolved ("auto" values decided).
+
+    Attributes:
+        device: "cuda", "cpu", or "auto" (CUDA when available).
+        dtype: "float16", "bfloat16", "float32", or "auto" (float16 on CUDA,
+            float32 on the CPU).
+        backend: "triton" (the Triton kernels; CUDA, or the CPU under
+            TRITON_INTERPRET=1), "torch" (plain PyTorch, any device), or
+            "auto": triton on CUDA when Triton is installed, else torch.
+        load_format: "auto" (the checkpoint's weights) or "dummy" (seeded
+            random weights at the model's real shapes: benchmarks without a
+            download).
+        revision: the Hugging Face revision to use (a branch, tag or commit).
+        download: whether a model missing from the cache may be downloaded
+            (also off when HF_HUB_OFFLINE is set).
+        cache_dir: where converted checkpoints are kept (default
+            FASTCODEGEN_CACHE, else ~/.cache/fastcodegen).
+        seed: seed of the draws of requests that set no seed of their own
+            (None: a random one).
+        max_model_len: the longest sequence (prompt plus completion), at most
+            the model's n_positions (its default).
+        block_size: tokens per KV cache block.
+        kv_cache_tokens: KV cache capacity in tokens (default: sized from free
+            GPU memory on CUDA, 4 full-length sequences on the CPU).
+        gpu_memory_utilization: fraction of the GPU's memory the engine may
+            use in all (weights, KV cache, working memory).
+        max_num_seqs: most sequences running at once (rows of a step).
+        max_num_batched_tokens: most tokens in one step; longer prompts are
+            prefilled in chunks while running sequences keep decoding.
+        enable_prefix_caching: reuse the KV cache of prompt prefixes computed
+            before (full blocks).
+        enforce_eager: never use CUDA graphs.
+    """
 
     model: str
     device: torch.device
@@ -271,10 +305,80 @@ class EngineConfig:
 
     @property
     def max_samples(self) -> int:
-        """Most logits rows one step samples: a row per sequence, and room for n-sample forks."""
-        return 2 * self.max_num_seqs
+        """Most logits rows one step samples (the native scheduler's rule)."""
+        from . import _C
+
+        return _C.default_max_samples(self.max_num_seqs)
 
     @property
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps are captured as CUDA graphs (the triton backend on CUDA, unless eager)."""
         return self.device.type == "cuda" and self.backend == "triton" and not self.enforce_eager
+
+
+def engine_options(
+    device: "str | torch.device",
+    dtype: "str | torch.dtype",
+    backend: str,
+    seed: object,
+    gpu_memory_utilization: object,
+    **integers: object,
+) -> dict[str, Any]:
+    """`Engine`'s options checked and resolved ("auto" device, dtype and backend; a random seed for None).
+
+    `integers` are the options that must be integers or None (numpy integers
+    accepted); max_model_len is checked against the model later.
+    """
+    from .sampling_params import as_float, as_int
+
+    out: dict[str, Any] = {}
+    for name, value in {**integers, "seed": seed}.items():
+        out[name] = None if value is None else as_int(value)
+        if value is not None and out[name] is None:
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if out["seed"] is not None and not 0 <= out["seed"] < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    if out["seed"] is None:
+        out["seed"] = int.from_bytes(os.urandom(7), "little")
+    out["gpu_memory_utilization"] = as_float(gpu_memory_utilization)
+    if out["gpu_memory_utilization"] is None:
+        raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {gpu_memory_utilization!r}")
+    out["device"] = parse_device(device)
+    out["dtype"] = parse_dtype(dtype, out["device"])
+    out["backend"] = resolve_backend(backend, out["device"], out["dtype"])
+    return out
+
+
+def check_max_model_len(max_model_len: Optional[int], model: ModelConfig) -> int:
+    """The engine's context limit: at most the model's n_positions (its default)."""
+    if max_model_len is None:
+        return model.n_positions
+    if not 0 < max_model_len <= model.n_positions:
+        raise ValueError(f"max_model_len must be in [1, n_positions={model.n_positions}], got {max_model_len!r}")
+    return max_model_len
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """ "auto" is triton on CUDA (float16 and bfloat16) when Triton is installed, else torch."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return backend
+    have_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        # The kernels are built for float16 and bfloat16 on CUDA; float32 runs on the torch backend there.
+        use = device.type == "cuda" and have_triton and dtype != torch.float32
+        return "triton" if use else "torch"
+    if not have_triton:
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' runs on CUDA devices; on the CPU only in Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before starting Python)"
+        )
+    if device.type == "cuda" and dtype == torch.float32:
+        raise ValueError(
+            "backend='triton' runs float16 and bfloat16 on CUDA, not float32 (its kernels would spill registers); "
+            "pass dtype='float16' or 'bfloat16', or backend='torch' (or 'auto') for float32"
+        )
+    return backend

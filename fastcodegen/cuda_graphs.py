@@ -7,12 +7,10 @@ bucket's graph is captured after an eager warm-up of the same bucket (Triton
 compiles and picks its configs then, never during capture), largest bucket
 first, all into one memory pool.
 
-A graph reads the model runner's persistent device buffers; a step with R
-rows runs the smallest bucket B >= R, its rows R..B-1 padded with slot -1 (no
-K/V store) and context length 0 (attention writes zeros). Sampling stays
-outside the graph. This object holds the graphs and their outputs only, not
-the runner that fills their inputs, so nothing here keeps a closed engine's
-memory alive.
+A graph reads the model runner's persistent device buffers, which the
+runner fills and pads before each replay. Sampling stays outside the graph.
+This object holds the graphs and their outputs only, not the runner that
+fills their inputs, so nothing here keeps a closed engine's memory alive.
 """
 
 from __future__ import annotations
@@ -23,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from .batch import Batch
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
+from .step import StepInputs
 
 logger = logging.getLogger("fastcodegen")
 
@@ -49,18 +47,18 @@ class CudaGraphs:
         return self.buckets[bisect.bisect_left(self.buckets, rows)]
 
     @torch.inference_mode()
-    def capture(self, model: CodeGenModel, kv_cache: KVCache, padding_batch: Callable[[int], Batch]) -> None:
-        """Captures every bucket; `padding_batch(b)` fills the persistent buffers with a b-row padding step."""
+    def capture(self, model: CodeGenModel, kv_cache: KVCache, padding_step: Callable[[int], StepInputs]) -> None:
+        """Captures every bucket; `padding_step(b)` fills the persistent buffers with a b-row padding step."""
         device = kv_cache.data.device
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
-            batch = padding_batch(b)
+            step = padding_step(b)
             for _ in range(2):  # warm-up: compiles the kernels for this shape
-                model.compute_logits(model.forward(batch, kv_cache))
+                model.compute_logits(model.forward(step, kv_cache))
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = model.compute_logits(model.forward(batch, kv_cache))
+                logits = model.compute_logits(model.forward(step, kv_cache))
             self._graphs[b] = (graph, logits)
         torch.cuda.synchronize(device)
         logger.info("captured CUDA graphs for decode batches %s", self.buckets)

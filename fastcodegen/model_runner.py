@@ -1,111 +1,114 @@
-"""Runs the model on a scheduled step: metadata to the device, block copies, forward (eager or a CUDA graph), logits."""
+"""Runs a scheduled step: its inputs to the device, block copies, the forward (eager or a CUDA graph), sampling.
+
+On CUDA the runner keeps one persistent device buffer per field the device
+reads (declared by the native step table, like the host buffers): each step
+copies its inputs into them asynchronously from pinned memory, and the CUDA
+graphs it captures at start read them. A decode step with R rows replays the
+graph of the smallest bucket B >= R, its rows R..B-1 padded on the device
+buffers with slot -1 (no K/V store) and context length 0 (attention writes
+zeros).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import gc
+import logging
+from typing import Optional
 
 import torch
 
-from .batch import Batch
 from .config import EngineConfig, ModelConfig
-from .cuda_graphs import CudaGraphs
-from .kv_cache import KVCache, num_kv_blocks
+from .cuda_graphs import CudaGraphs, default_buckets
+from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
-from .models.torch_ops import TorchOps
-from .models.triton_ops import TritonOps
-from .scheduler import HostStep, Scheduler
+from .models.ops import make_ops
+from .request import RequestState
+from .sampler import Sampled, Sampler, SamplingInputs
+from .step import SHAPE_FIELDS, StepBuffers, StepField, StepInputs
 from .weights import CodeGenWeights
+
+logger = logging.getLogger("fastcodegen")
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, weights: CodeGenWeights):
-        self.config = model_config
-        self.engine_config = engine_config
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        weights: CodeGenWeights,
+        num_blocks: int,
+        step_fields: list[StepField],
+        vocab_limit: int,
+    ):
+        """`vocab_limit`: tokens are sampled below it (the tokenizer's ids, at most the model's vocabulary)."""
         self.device = engine_config.device
-        if engine_config.backend == "triton":
-            ops = TritonOps(model_config, self.device, engine_config.max_model_len)
-        else:
-            ops = TorchOps(model_config, self.device)
+        ops = make_ops(model_config, engine_config.backend, self.device, engine_config.max_model_len)
         self.model = CodeGenModel(model_config, weights, ops)
-        num_blocks = num_kv_blocks(model_config, engine_config, weights.nbytes())
-        self.kv_cache = KVCache(model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
-        self.graphs: Optional[CudaGraphs] = None  # set by capture_cuda_graphs()
-        self._pad_decode: Optional[Callable[[HostStep, int], HostStep]] = None
-        self._dev: Optional[dict[str, torch.Tensor]] = None
-        if self.device.type == "cuda":
-            # Persistent device copies of the step metadata: steps copy into them
-            # (asynchronously, from pinned memory), CUDA graphs read them.
-            e = engine_config
-            max_blocks = -(-e.max_model_len // e.block_size)
-
-            def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-                return torch.zeros(shape, device=self.device, dtype=dtype)
-
-            self._dev = {
-                "input_ids": zeros(e.max_num_batched_tokens, dtype=torch.int64),
-                "positions": zeros(e.max_num_batched_tokens, dtype=torch.int64),
-                "slot_mapping": zeros(e.max_num_batched_tokens, dtype=torch.int64),
-                "query_start_loc": zeros(e.max_num_seqs + 1, dtype=torch.int32),
-                "context_lens": zeros(e.max_num_seqs, dtype=torch.int32),
-                "block_tables": zeros(e.max_num_seqs, max_blocks, dtype=torch.int32),
-                "logits_indices": zeros(2 * e.max_num_seqs, dtype=torch.int64),
-            }
-
-    def upload(self, step: HostStep) -> Batch:
-        """The step's Batch on the model's device (on CUDA: copied into the persistent buffers)."""
-        host = {
-            "input_ids": step.input_ids,
-            "positions": step.positions,
-            "slot_mapping": step.slot_mapping,
-            "query_start_loc": step.query_start_loc,
-            "context_lens": step.context_lens,
-            "block_tables": step.block_tables,
-            "logits_indices": step.logits_indices,
-        }
-        if self._dev is not None:
-            host = {name: self._dev[name][: t.shape[0]].copy_(t, non_blocking=True) for name, t in host.items()}
-        info = step.info
-        return Batch(
-            **host, max_query_len=info.max_query_len, max_context_len=info.max_context_len, is_decode=info.is_decode
+        self.kv_cache = kv = KVCache(
+            model_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype
         )
+        logger.info("KV cache: %d blocks of %d tokens: %d tokens fit", kv.num_blocks, kv.block_size, kv.num_tokens)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(engine_config.seed)
+        self.sampler = Sampler(min(vocab_limit, model_config.vocab_size), generator)
+        self._dev: Optional[StepBuffers] = None
+        if self.device.type == "cuda":
+            self._dev = StepBuffers([f for f in step_fields if f.on_device], self.device)
+        self.graphs: Optional[CudaGraphs] = None
+        if engine_config.uses_cuda_graphs:
+            self.graphs = CudaGraphs(default_buckets(engine_config.max_num_seqs))
+            self.graphs.capture(self.model, self.kv_cache, self._padding_step)
 
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def run(self, step: StepInputs, requests: dict[int, RequestState]) -> Sampled:
+        """The step's forward and its sampled tokens; `requests` (by scheduler id) own the rows sampled on their terms."""
+        logits = self.execute(step)
+        return self.sampler(logits, SamplingInputs.of(step, self._on_device(step), requests, self.device))
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """Logits [num_samples, vocab_size] float32 of the step's sampled rows."""
+        if step.num_copies:
+            self._copy_blocks(step.copy_src, step.copy_dst)
+        dev = self._upload(step)
+        if self.graphs is not None and step.is_decode and self.graphs.fits(step.num_rows):
+            bucket = self.graphs.bucket(step.num_rows)
+            self._dev.pad_decode(step.num_rows, bucket)
+            return self.graphs.replay(bucket)[dev.logits_indices]
+        hidden = self.model.forward(dev, self.kv_cache)
+        return self.model.compute_logits(hidden[dev.logits_indices])
+
+    def _on_device(self, step: StepInputs) -> StepInputs:
+        """The step with its device fields as views of the device buffers (the step itself off CUDA)."""
+        if self._dev is None:
+            return step
+        return self._dev.step({k: getattr(step, k) for k in SHAPE_FIELDS})
+
+    def _upload(self, step: StepInputs) -> StepInputs:
+        dev = self._on_device(step)
+        if self._dev is not None:
+            for name, t in dev.tensors.items():
+                t.copy_(step.tensors[name], non_blocking=True)
+        return dev
+
+    def _padding_step(self, rows: int) -> StepInputs:
+        """A decode step of `rows` padding rows only, on the device buffers (to capture a bucket's graph)."""
+        shape = dict.fromkeys(SHAPE_FIELDS, 0) | {"num_rows": rows, "num_tokens": rows, "max_query_len": 1}
+        shape["is_decode"] = True
+        self._dev.tensors["query_start_loc"][0] = 0
+        self._dev.pad_decode(0, rows)
+        return self._dev.step(shape)
+
+    def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copies whole KV blocks (every layer, K and V): a sample's own copy of a block it shared."""
         src, dst = src.to(self.device), dst.to(self.device)
         self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
 
-    def capture_cuda_graphs(self, scheduler: Scheduler, buckets: list[int]) -> None:
-        """Captures decode steps of each bucket size; later decode steps that fit replay them."""
-        self._pad_decode = scheduler.pad_decode  # the scheduler owns the host buffers padding writes
-        self.graphs = CudaGraphs(buckets)
-        self.graphs.capture(self.model, self.kv_cache, lambda rows: self.upload(scheduler.padding_step(rows)))
-
-    def run_graph(self, step: HostStep) -> torch.Tensor:
-        """Logits [num_samples, vocab_size] of a decode step, by replaying its bucket's graph."""
-        assert self.graphs is not None and self._pad_decode is not None
-        bucket = self.graphs.bucket(step.info.num_rows)
-        self.upload(self._pad_decode(step, bucket))
-        logits = self.graphs.replay(bucket)
-        return logits[step.logits_indices.to(logits.device, non_blocking=True)]
-
-    @torch.inference_mode()
-    def execute(self, step: HostStep) -> torch.Tensor:
-        """Logits [num_samples, vocab_size] float32 of the step's sampled rows."""
-        info = step.info
-        if info.num_copies:
-            self.copy_blocks(step.copy_src, step.copy_dst)
-        if self.graphs is not None and info.is_decode and self.graphs.fits(info.num_rows):
-            return self.run_graph(step)
-        batch = self.upload(step)
-        hidden = self.model.forward(batch, self.kv_cache)
-        return self.model.compute_logits(hidden[batch.logits_indices])
-
     def close(self) -> None:
-        """Drops the graphs, the KV cache, the weights and the device buffers (their memory returns to PyTorch)."""
+        """Drops the graphs, the KV cache, the weights and the device buffers; on CUDA their memory returns to the device."""
         if self.graphs is not None:
             self.graphs.close()
-        self.graphs = None
-        self._pad_decode = None
-        self._dev = None
-        self.kv_cache = None
-        self.model = None
+        self.graphs = self._dev = self.kv_cache = self.model = self.sampler = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()

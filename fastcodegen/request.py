@@ -1,9 +1,13 @@
-"""What the engine keeps in Python about a request; the native scheduler keeps its sequences."""
+"""What Python keeps about a request: its parameters, its completions' text and logprobs, and who reads it.
+
+The native scheduler keeps the sequences (tokens, blocks, the bytes of the
+text as it decodes them); Python keeps what the user sees.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -16,6 +20,29 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
 
 
+class Reader:
+    """Who reads a group of requests' outputs (a `generate` call, or `step()` for `add_request`).
+
+    Every step's news goes to the reader that owns the request, whichever
+    caller ran the step.
+    """
+
+    def __init__(self) -> None:
+        self.unread: set[int] = set()  # scheduler ids of its requests with outputs not yet read
+
+
+@dataclass
+class Completion:
+    """One of a request's n completions, as the user will see it."""
+
+    index: int
+    seq: int = -1  # the native sequence, once it got a token
+    text: str = ""  # the text received from the scheduler (report_tokens requests: as it grows)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Union[str, int, None] = None
+
+
 @dataclass
 class RequestState:
     request_id: str  # the user's id
@@ -23,17 +50,18 @@ class RequestState:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     params: SamplingParams
-    patterns: Optional[PatternStops]
-    watch: bool  # the scheduler reports its text as it grows
-    served: bool = False  # added with add_request(): step() reports its news
+    owner: Reader
+    patterns: Optional[PatternStops] = None
     finished: bool = False
-    aborted: bool = False
     error: Optional[str] = None  # why the request failed, if it did
-    generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> generator
-    logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # sequence -> per token
-    texts: dict[int, str] = field(default_factory=dict)  # watched sequence -> its text so far
-    text_bytes: dict[int, int] = field(default_factory=dict)  # watched sequence -> bytes of it seen
-    pattern_stops: dict[int, str] = field(default_factory=dict)  # sequence -> the pattern that ended it
+    completions: dict[int, Completion] = field(default_factory=dict)  # by completion index
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> its generator
+
+    def completion(self, index: int) -> Completion:
+        c = self.completions.get(index)
+        if c is None:
+            c = self.completions[index] = Completion(index)
+        return c
 
     def generator(self, index: int, device: torch.device) -> torch.Generator:
         """The seeded generator of completion `index` (seeded requests only)."""

@@ -32,6 +32,26 @@ class SamplingInputs:
     generators: dict[int, torch.Generator]  # row -> the row's own generator (seeded requests)
     logprobs: dict[int, int]  # row -> how many top logprobs it wants
 
+    @classmethod
+    def of(cls, step, on_device, requests: Optional[dict] = None, device: Optional[torch.device] = None):
+        """A step's sampling inputs: `on_device` is the step with its parameters on the logits' device.
+
+        The rows sampled on a request's terms (`step.host_sampled_rows`) get
+        the request's seeded generator for their completion, or its logprobs.
+        """
+        host = step.arrays
+        generators, logprobs = {}, {}
+        for row in host["host_sampled_rows"].tolist() if requests is not None else ():
+            req = requests[int(host["sample_request"][row])]
+            if req.params.seed is not None:
+                generators[row] = req.generator(int(host["sample_index"][row]), device)
+            if req.params.logprobs is not None:
+                logprobs[row] = req.params.logprobs
+        return cls(
+            on_device.temperature, on_device.top_k, on_device.top_p,
+            host["temperature"], host["top_k"], host["top_p"], generators, logprobs,
+        )  # fmt: skip
+
 
 def filtered_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
@@ -116,28 +136,3 @@ class Sampler:
             d[int(tokens[row])] = chosen_v[j]
             out[row] = d
         return out
-
-
-def sampling_inputs(
-    step_temperature: torch.Tensor,
-    step_top_k: torch.Tensor,
-    step_top_p: torch.Tensor,
-    device: torch.device,
-    generators: Optional[dict[int, torch.Generator]] = None,
-    logprobs: Optional[dict[int, int]] = None,
-) -> SamplingInputs:
-    """SamplingInputs from a step's host tensors, copied to `device`."""
-
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t if device.type == "cpu" else t.to(device, non_blocking=True)
-
-    return SamplingInputs(
-        temperature=dev(step_temperature),
-        top_k=dev(step_top_k),
-        top_p=dev(step_top_p),
-        host_temperature=step_temperature.numpy(),
-        host_top_k=step_top_k.numpy(),
-        host_top_p=step_top_p.numpy(),
-        generators=generators or {},
-        logprobs=logprobs or {},
-    )

@@ -151,10 +151,6 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
 
 def _string_tuple(name: str, value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     if value is None:

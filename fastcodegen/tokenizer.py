@@ -13,7 +13,6 @@ The weights have more rows (51200) than the tokenizer has ids (50295):
 
 from __future__ import annotations
 
-import codecs
 import json
 from pathlib import Path
 from typing import Optional
@@ -134,25 +133,3 @@ def _from_vocab_and_merges(path: Path) -> tokenizers.Tokenizer:
             if got != want:
                 raise ValueError(f"{added_file}: token {content!r} should have id {want}, the vocabulary gives {got}")
     return tk
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text, one token at a time.
-
-    Byte-level tokens can split a UTF-8 character; the decoder holds such bytes
-    back until the character is complete, so the concatenated output equals
-    `Tokenizer.decode` of all the ids once `flush()` has been called.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
-        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token_id: int) -> str:
-        if token_id in self._skip:
-            return ""
-        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)

@@ -7,29 +7,28 @@ first kernel computes, per (sequence, head, split), the partial softmax
 statistics (max and sum of exp) and the unnormalised output of its part; the
 second combines the splits.
 
-The grid is (batch, heads, NUM_SPLITS). `num_splits` picks the fewest
-splits whose programs fill the SMs' resident slots in whole waves, from the
-batch size, the geometry and the engine's context limit, never from the
-sequences' lengths, which are read from device memory: a captured CUDA graph
-stays valid for any lengths. Each program streams 32-64 keys per tile, K and
-V together, through a software pipeline (`num_stages`); the sequence's block
+The grid is (batch, heads, NUM_SPLITS). `settings.num_splits` picks the
+fewest splits whose programs fill the SMs' resident slots in whole waves,
+from the batch size, the geometry and the engine's context limit
+(`max_model_len`), never from the sequences' lengths, which are read from
+device memory: a captured CUDA graph stays valid for any lengths. Each
+program streams 32-64 keys per tile (`settings.DecodeTiles`), K and V
+together, through a software pipeline (`num_stages`); the sequence's block
 ids are read once, before the loop. A sequence with context length 0 (a
-padding row of a graph's batch) gets a zero output. Scores and softmax in
-float32, scale on the float32 scores, probabilities rounded to the model
-dtype before P @ V as in prefill.
+padding row of a graph's batch) gets a zero output.
+
+Numerics follow the reference, `fastcodegen.models.torch_ops.decode_attention`:
+scores and softmax in float32, scale on the float32 scores, probabilities
+rounded to the model dtype before P @ V, as in prefill.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference  # noqa: F401  (the reference)
 
 from . import settings
 
@@ -119,87 +118,38 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HD)
 
 
-@dataclass(frozen=True)
-class DecodeTiles:
-    """Keys per tile, warps, pipeline depth and registers of the split kernel, by padded head size."""
-
-    block_n: int
-    num_warps: int
-    num_stages: int
-    registers: int  # per thread, as ptxas allocates them for sm_90 (benchmarks/kernel_report.py shows them)
-
-    @staticmethod
-    def of(head_dim_pad: int) -> "DecodeTiles":
-        # 64 keys of a head up to 128 wide or 32 of a 256-wide one: 16-32 KiB of K and V per tile.
-        if head_dim_pad <= 64:
-            return DecodeTiles(64, 4, 3, 64)
-        if head_dim_pad <= 128:
-            return DecodeTiles(64, 4, 3, 96)
-        return DecodeTiles(32, 4, 3, 120)
-
-    def shared_bytes(self, head_dim_pad: int, elem: int) -> int:
-        # num_stages - 1 buffers of a K and a V tile, and the query.
-        return ((self.num_stages - 1) * 2 * self.block_n + 16) * head_dim_pad * elem
-
-    def resident_per_sm(self, head_dim_pad: int, elem: int) -> int:
-        return settings.resident_per_sm(self.shared_bytes(head_dim_pad, elem), self.num_warps, self.registers)
-
-
-@functools.lru_cache(maxsize=None)  # asked every layer and step: plan each batch size once
-def num_splits(
-    batch: int, heads: int, max_context: int, head_dim: int = 128, elem: int = 2,
-    num_sms: int = settings.DEFAULT_NUM_SMS,
-) -> int:  # fmt: skip
-    """Splits per (sequence, head): enough programs to occupy every resident slot, in whole waves.
-
-    Depends on the batch size, the geometry and the engine's context limit
-    (`max_model_len`: never more splits than tiles of it), not on any
-    sequence's length, so a captured CUDA graph stays valid. The fewest
-    splits whose programs fill at least MIN_LAST_WAVE_FILL of the SMs'
-    resident slots and keep `settings.fills_waves`: attention streams the
-    cache, and a program in every slot keeps the most loads in flight. When
-    the context limit allows too few, the most that keep the rule.
-    """
-    hd_pad = _head_dim_pad(head_dim)
-    tiles = DecodeTiles.of(hd_pad)
-    slots = num_sms * tiles.resident_per_sm(hd_pad, elem)
-    most = max(1, min(triton.cdiv(max_context, tiles.block_n), 64))
-    keeping_rule = [s for s in range(1, most + 1) if settings.fills_waves(batch * heads * s, slots, num_sms)]
-    for splits in keeping_rule:
-        if batch * heads * splits >= settings.MIN_LAST_WAVE_FILL * slots:
-            return splits
-    if keeping_rule:
-        return keeping_rule[-1]
-    return max(range(1, most + 1), key=lambda s: settings.wave_fill(batch * heads * s, slots, num_sms)[1])
-
-
-def _head_dim_pad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    splits: int,
-    out: torch.Tensor | None = None,
+    max_context_len: int,
+    max_model_len: int | None = None,
+    num_sms: int = settings.DEFAULT_NUM_SMS,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one new token per sequence: q [B, H, D] -> [B, H, D] (into `out` if given).
+    """`torch_ops.decode_attention`'s arguments and result, then launch options: q [B, H, D] -> [B, H, D].
 
-    Equals `paged_attention_reference` with query_start_loc = 0..B (one
-    query each); `splits` fixes the grid (see `num_splits`).
+    One new token per sequence: equals `torch_ops.paged_attention` with
+    query_start_loc = 0..B (one query each); a row with context length 0
+    gets zeros. The grid never depends on the sequences' lengths (read from
+    device memory: `max_context_len` is not used), so a captured CUDA graph
+    stays valid: its split count is `splits` when given, else
+    `settings.num_splits` for B rows on `num_sms` SMs under the context
+    limit `max_model_len` (by default, the context the block tables address).
     """
     b, h, hd = q.shape
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
-    hd_pad = _head_dim_pad(hd)
-    tiles = DecodeTiles.of(hd_pad)
+    if splits is None:
+        limit = block_tables.shape[1] * k_cache.shape[1] if max_model_len is None else max_model_len
+        splits = settings.num_splits(b, h, limit, hd, q.element_size(), num_sms)
+    hd_pad = settings.decode_head_dim_pad(hd)
+    tiles = settings.DecodeTiles.of(hd_pad)
     part_out = torch.empty((b, h, splits, hd_pad), device=q.device, dtype=torch.float32)
     part_max = torch.empty((b, h, splits), device=q.device, dtype=torch.float32)
     part_sum = torch.empty((b, h, splits), device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q) if out is None else out
-    assert out.shape == q.shape and out.stride(2) == 1
+    out = torch.empty_like(q)
     _split_kernel[(b, h, splits)](
         q, k_cache, v_cache, part_out, part_max, part_sum, block_tables, context_lens, 1.0 / math.sqrt(hd),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),

@@ -14,26 +14,26 @@ KP | V | M]. The grid has two kinds of column tiles:
 LayerNorm runs first, once per step (`layer_norm.py` writes ln_1(x) in the
 model dtype), so the projection is a pure GEMM whose epilogue does the rest;
 recomputing the row statistics in every column tile would read x once per
-tile and stall each tile's main loop. Decode steps split K (`split_k.py`)
-when the column tiles alone would leave SMs idle (`settings.gemm_plan`);
-prefill steps load their operand tiles through TMA (`tma.py`).
+tile and stall each tile's main loop. The launch's tiles and K splits are
+`settings.projection_plan`'s: decode steps split K (`split_k.py`) when the
+column tiles alone would leave SMs idle (`settings.gemm_plan`); in Triton's
+interpreter, the fewest programs (`settings.interpreter_plan`). Prefill
+steps load their operand tiles through TMA (`tma.py`).
 Keys and values go to the cache slot of their token (`slot_mapping`; -1
 writes nothing, which makes padded rows free).
 
-Numerics match `fastcodegen.models.torch_ops.in_proj` (the reference below):
-the projection is rounded to the model dtype, then rotated in float32 with
-the same cos/sin table; gelu in float32 on the rounded pre-activation.
+Numerics match the reference, `fastcodegen.models.torch_ops.in_proj`, which
+the kernel tests compare it against: the projection is rounded to the model
+dtype, then rotated in float32 with the same cos/sin table; gelu in float32
+on the rounded pre-activation.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from fastcodegen.models.torch_ops import in_proj as in_proj_reference  # noqa: F401  (the reference)
 from fastcodegen.weights import InProjLayout
 
 from . import settings, tma
@@ -246,40 +246,29 @@ def in_proj(
     v_cache: torch.Tensor,
     layout: InProjLayout,
     eps: float,
-    q_out: torch.Tensor | None = None,
-    g_out: torch.Tensor | None = None,
-    ln_out: torch.Tensor | None = None,
     split_k: int | None = None,
     counters: torch.Tensor | None = None,
     num_sms: int = settings.DEFAULT_NUM_SMS,
     interpreted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels with `in_proj_reference`'s signature and results: (q [T, d], g [T, f]); writes k, v to the caches.
+    """`torch_ops.in_proj`'s arguments and results (q [T, d], g [T, f]; k, v into the caches), then launch options.
 
-    q_out [T, d], g_out [T, f] and ln_out [T, d] (ln_1(x)), when given,
-    receive the results (persistent buffers). The plan is made for `num_sms`
-    SMs (`interpreted`: `settings.interpreter_plan` instead); `split_k`
-    overrides its number of K splits; `counters` is split-K's zeroed arrival
-    counters, kept between launches (`split_k.py`).
+    The plan is `settings.projection_plan`'s for `num_sms` SMs (or Triton's
+    interpreter); `split_k` overrides its number of K splits; `counters` is
+    split-K's zeroed arrival counters, kept between launches (`split_k.py`).
     """
     m, k = x.shape
     h, hd, half, f = layout.n_head, layout.head_dim, layout.half, layout.n_inner
     assert w_in.shape == (layout.width, k) and w_in.stride(1) == 1 and x.stride(1) == 1
     assert k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)  # slot = block * block_size + offset
-    q = torch.empty((m, h * hd), device=x.device, dtype=x.dtype) if q_out is None else q_out
-    g = torch.empty((m, f), device=x.device, dtype=x.dtype) if g_out is None else g_out
-    assert q.shape == (m, h * hd) and g.shape == (m, f) and q.stride(1) == g.stride(1) == 1
+    q = torch.empty((m, h * hd), device=x.device, dtype=x.dtype)
+    g = torch.empty((m, f), device=x.device, dtype=x.dtype)
     if m == 0:
         return q, g
-    ln_x = layer_norm(x, ln_weight, ln_bias, eps, out=ln_out)
+    ln_x = layer_norm(x, ln_weight, ln_bias, eps)
     rot_columns, plain_columns = 2 * layout.rotary_width, layout.width - 2 * layout.rotary_partner
-    if interpreted:
-        plan = settings.interpreter_plan(m)
-    else:
-        plan = settings.gemm_plan(m, k, rot_columns, plain_columns, x.element_size(), num_sms)
-    if split_k is not None:
-        plan = dataclasses.replace(plan, split_k=split_k)
+    plan = settings.projection_plan(m, k, rot_columns, plain_columns, x.element_size(), num_sms, interpreted, split_k)
     rot_tiles = triton.cdiv(rot_columns, plan.block_n // 2)
     grid = (triton.cdiv(m, plan.block_m), settings.column_tiles(plan.block_n, rot_columns, plain_columns), plan.split_k)
     partial, counters = split_k_scratch(grid[0] * grid[1], plan, x.device, counters)

@@ -37,16 +37,13 @@ def _layer_norm_kernel(
     tl.store(OUT + row * stride_om + ks, (centred * rstd * w + b).to(OUT.dtype.element_ty), mask=k_ok)
 
 
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """F.layer_norm(x, (K,), weight, bias, eps) for x [M, K], in x's dtype (into `out` if given)."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm(x, (K,), weight, bias, eps) for x [M, K], in x's dtype."""
     m, k = x.shape
     if k > MAX_WIDTH:
         raise ValueError(f"layer_norm: rows of {k} values are wider than the kernel's {MAX_WIDTH}")
     assert x.stride(1) == 1 and weight.shape == bias.shape == (k,)
-    out = torch.empty_like(x) if out is None else out
-    assert out.shape == x.shape and out.stride(1) == 1
+    out = torch.empty_like(x)
     if m == 0:
         return out
     block_k = triton.next_power_of_2(k)

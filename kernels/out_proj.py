@@ -12,21 +12,21 @@ to keep every SM busy while streaming the weight. `settings.gemm_plan` then
 splits K; the last program of each tile adds the float32 partials in a fixed
 order (deterministic, no float atomics) and applies the epilogue, in the
 same launch (`split_k.py`). Prefill steps load their operand tiles
-through TMA (`tma.py`).
+through TMA (`tma.py`). In Triton's interpreter (the CPU) the launch takes
+`settings.interpreter_plan`, the fewest programs, and no TMA: the
+interpreter runs each program in Python.
 
-Rounding follows the reference `fastcodegen.models.torch_ops.out_proj`: the
-GEMM plus bias is rounded to the model dtype, then the residual is added.
+Rounding follows the reference, `fastcodegen.models.torch_ops.out_proj`,
+which the kernel tests compare it against: the GEMM plus bias is rounded to
+the model dtype, then the residual is added. Tiles and K splits come from
+`settings.projection_plan`, as in_proj's do.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
-
-from fastcodegen.models.torch_ops import out_proj as out_proj_reference  # noqa: F401  (the reference)
 
 from . import settings, tma
 from .split_k import reduce_split_k
@@ -118,32 +118,24 @@ def out_proj(
     b_out: torch.Tensor,
     residual: torch.Tensor,
     split_k: int | None = None,
-    out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     num_sms: int = settings.DEFAULT_NUM_SMS,
     interpreted: bool = False,
 ) -> torch.Tensor:
-    """The kernel with `out_proj_reference`'s signature: returns [T, d] (into `out` if given).
+    """`torch_ops.out_proj`'s arguments and result ([T, d]), then launch options.
 
-    The plan is made for `num_sms` SMs (`interpreted`: `settings.interpreter_plan`
-    instead); `split_k` overrides its number of K
-    splits; `counters` is split-K's zeroed arrival counters, kept between
-    launches (`split_k.py`).
+    The plan is `settings.projection_plan`'s for `num_sms` SMs (or Triton's
+    interpreter); `split_k` overrides its number of K splits; `counters` is
+    split-K's zeroed arrival counters, kept between launches (`split_k.py`).
     """
     m, k1 = a.shape
     k2 = g.shape[1]
     n = w_out.shape[0]
     assert w_out.shape[1] == k1 + k2 and a.stride(1) == g.stride(1) == w_out.stride(1) == residual.stride(1) == 1
-    out = torch.empty((m, n), device=a.device, dtype=a.dtype) if out is None else out
-    assert out.shape == (m, n) and out.stride(1) == 1
+    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
     if m == 0:
         return out
-    if interpreted:
-        plan = settings.interpreter_plan(m)
-    else:
-        plan = settings.gemm_plan(m, k1 + k2, 0, n, a.element_size(), num_sms)
-    if split_k is not None:
-        plan = dataclasses.replace(plan, split_k=split_k)
+    plan = settings.projection_plan(m, k1 + k2, 0, n, a.element_size(), num_sms, interpreted, split_k)
     grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), plan.split_k)
     partial, counters = split_k_scratch(grid[0] * grid[1], plan, a.device, counters)
     step = plan.block_k * plan.split_k

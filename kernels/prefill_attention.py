@@ -16,20 +16,20 @@ before the loop. The tiles wholly
 before the block's first query run without masks; only the diagonal ones
 (and the context's end) are masked. Scores and the online softmax are
 float32, the 1/sqrt(head_dim) scale applied to the float32 scores;
-probabilities are cast to the model dtype for P @ V. A head_dim that is not
-a power of two is split into two that are (80 = 64 + 16), not padded.
+probabilities are cast to the model dtype for P @ V, as the reference
+(`fastcodegen.models.torch_ops.paged_attention`) does. A head_dim that is
+not a power of two is split into two that are (80 = 64 + 16), not padded
+(`settings.head_dim_parts`); tiles, warps and pipeline depth by head size
+are `settings.PrefillTiles`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference  # noqa: F401  (the reference)
 
 from . import settings
 
@@ -140,39 +140,6 @@ def _prefill_kernel(
             tl.store(out_rows + db[None, :], (acc_b / l_i[:, None]).to(dtype), mask=m_ok[:, None] & b_ok[None, :])
 
 
-def head_dim_parts(head_dim: int) -> tuple[int, int]:
-    """(HD_A, HD_B): head_dim as a power of two plus a smaller power of two (or 0); else padded up.
-
-    80 = 64 + 16 costs 80 columns of MMA work where padding to 128 would cost 128.
-    """
-    whole = triton.next_power_of_2(head_dim)
-    if whole == head_dim or head_dim < 16:
-        return max(16, whole), 0
-    rest = head_dim - whole // 2
-    if rest == triton.next_power_of_2(rest) or rest < 16:  # under 16 the second part pads to 16
-        return whole // 2, rest
-    return whole, 0
-
-
-@dataclass(frozen=True)
-class PrefillTiles:
-    """Query rows and keys per tile, warps and pipeline depth, by head size."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    @staticmethod
-    def of(head_dim: int) -> "PrefillTiles":
-        # 64-row query tiles, the size wgmma takes (one warpgroup per 64 rows): larger ones leave a
-        # 512-token prompt too few programs for 132 SMs. A 256-wide head takes 32 keys a tile and eight
-        # warps, so the float32 accumulator and three stages of K and V fit without spilling.
-        if head_dim > 128:
-            return PrefillTiles(64, 32, 8, 3)
-        return PrefillTiles(64, 64, 4, 3)
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -182,18 +149,19 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     max_query_len: int,
     max_context_len: int,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The kernel with `paged_attention_reference`'s signature: q [T, H, D] -> [T, H, D] (into `out` if given)."""
+    """`torch_ops.paged_attention`'s arguments and result: q [T, H, D] -> [T, H, D].
+
+    `max_context_len` is not used: the kernel reads each sequence's length from `context_lens`.
+    """
     t, h, hd = q.shape
     num_seqs = context_lens.shape[0]
-    out = torch.empty_like(q) if out is None else out
-    assert out.shape == q.shape and out.stride(2) == 1
+    out = torch.empty_like(q)
     if t == 0:
         return out
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
-    hd_a, hd_b = head_dim_parts(hd)
-    tiles = PrefillTiles.of(hd)
+    hd_a, hd_b = settings.head_dim_parts(hd)
+    tiles = settings.PrefillTiles.of(hd)
     grid = (num_seqs, h, triton.cdiv(max_query_len, tiles.block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, 1.0 / math.sqrt(hd),

@@ -1,8 +1,11 @@
-"""Launch settings shared by the kernels: tile plans, dot precision, the GPU's size.
+"""Launch settings shared by the kernels: tile plans, split counts, dot precision, the GPU's size.
 
 Every kernel's host wrapper takes its block sizes, warps, pipeline depth and
 grid from here, so one file says how the engine's launches are shaped and
-`benchmarks/kernel_report.py` checks what the compiler made of them.
+`benchmarks/kernel_report.py` checks what the compiler made of them: the
+projections' `GemmPlan` (`projection_plan`), prefill attention's
+`PrefillTiles`, decode attention's `DecodeTiles` and split count
+(`num_splits`).
 
 The projections' plan (`gemm_plan`) is chosen by a small cost model rather
 than a table: decode steps multiply a handful of rows by a large weight, so
@@ -21,6 +24,7 @@ written down as such; measurements on a GPU are what should replace them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -53,6 +57,11 @@ MIN_LAST_WAVE_FILL = 0.9
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input precision: exact float32 products for float32 tensors, tensor cores otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreted_on(device: torch.device) -> bool:
+    """Whether the kernels on `device` run in Triton's interpreter (the CPU): plans then have the fewest programs."""
+    return device.type == "cpu"
 
 
 def device_sms(device: torch.device) -> int:
@@ -211,3 +220,123 @@ def gemm_plan(
                 if best_key is None or key < best_key:
                     best, best_key = GemmPlan(bm, bn, bk, split, warps, stages), key
     return best
+
+
+def projection_plan(
+    m: int,
+    k: int,
+    rotary_columns: int,
+    plain_columns: int,
+    elem: int,
+    num_sms: int = DEFAULT_NUM_SMS,
+    interpreted: bool = False,
+    split_k: int | None = None,
+) -> GemmPlan:
+    """The plan a projection launch runs: `interpreter_plan` in Triton's interpreter, else `gemm_plan` for
+    `num_sms` SMs; `split_k`, when given, overrides its number of K splits."""
+    if interpreted:
+        plan = interpreter_plan(m)
+    else:
+        plan = gemm_plan(m, k, rotary_columns, plain_columns, elem, num_sms)
+    return plan if split_k is None else dataclasses.replace(plan, split_k=split_k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def head_dim_parts(head_dim: int) -> tuple[int, int]:
+    """Prefill attention's (HD_A, HD_B): head_dim as a power of two plus a smaller power of two (or 0); else
+    padded up.
+
+    80 = 64 + 16 costs 80 columns of MMA work where padding to 128 would cost 128.
+    """
+    whole = _next_power_of_2(head_dim)
+    if whole == head_dim or head_dim < 16:
+        return max(16, whole), 0
+    rest = head_dim - whole // 2
+    if rest == _next_power_of_2(rest) or rest < 16:  # under 16 the second part pads to 16
+        return whole // 2, rest
+    return whole, 0
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Prefill attention's query rows and keys per tile, warps and pipeline depth, by head size."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def of(head_dim: int) -> "PrefillTiles":
+        # 64-row query tiles, the size wgmma takes (one warpgroup per 64 rows): larger ones leave a
+        # 512-token prompt too few programs for 132 SMs. A 256-wide head takes 32 keys a tile and eight
+        # warps, so the float32 accumulator and three stages of K and V fit without spilling.
+        if head_dim > 128:
+            return PrefillTiles(64, 32, 8, 3)
+        return PrefillTiles(64, 64, 4, 3)
+
+
+def decode_head_dim_pad(head_dim: int) -> int:
+    """Decode attention's head size in registers: the next power of two, at least 16."""
+    return max(16, _next_power_of_2(head_dim))
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Keys per tile, warps, pipeline depth and registers of decode attention's split kernel, by padded head size."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread, as ptxas allocates them for sm_90 (benchmarks/kernel_report.py shows them)
+
+    @staticmethod
+    def of(head_dim_pad: int) -> "DecodeTiles":
+        # 64 keys of a head up to 128 wide or 32 of a 256-wide one: 16-32 KiB of K and V per tile.
+        if head_dim_pad <= 64:
+            return DecodeTiles(64, 4, 3, 64)
+        if head_dim_pad <= 128:
+            return DecodeTiles(64, 4, 3, 96)
+        return DecodeTiles(32, 4, 3, 120)
+
+    def shared_bytes(self, head_dim_pad: int, elem: int) -> int:
+        # num_stages - 1 buffers of a K and a V tile, and the query.
+        return ((self.num_stages - 1) * 2 * self.block_n + 16) * head_dim_pad * elem
+
+    def resident_per_sm(self, head_dim_pad: int, elem: int) -> int:
+        return resident_per_sm(self.shared_bytes(head_dim_pad, elem), self.num_warps, self.registers)
+
+
+@functools.lru_cache(maxsize=None)  # asked every layer and step: plan each batch size once
+def num_splits(
+    batch: int, heads: int, max_context: int, head_dim: int = 128, elem: int = 2, num_sms: int = DEFAULT_NUM_SMS
+) -> int:
+    """Decode attention's splits per (sequence, head): enough programs to occupy every resident slot, in whole waves.
+
+    Depends on the batch size, the geometry and the engine's context limit
+    (`max_model_len`: never more splits than tiles of it), not on any
+    sequence's length, so a captured CUDA graph stays valid. The fewest
+    splits whose programs fill at least MIN_LAST_WAVE_FILL of the SMs'
+    resident slots and keep `fills_waves`: attention streams the cache, and
+    a program in every slot keeps the most loads in flight. When the context
+    limit allows too few, the most that keep the rule.
+    """
+    hd_pad = decode_head_dim_pad(head_dim)
+    tiles = DecodeTiles.of(hd_pad)
+    slots = num_sms * tiles.resident_per_sm(hd_pad, elem)
+    most = max(1, min(-(-max_context // tiles.block_n), 64))
+    keeping_rule = [s for s in range(1, most + 1) if fills_waves(batch * heads * s, slots, num_sms)]
+    for splits in keeping_rule:
+        if batch * heads * splits >= MIN_LAST_WAVE_FILL * slots:
+            return splits
+    if keeping_rule:
+        return keeping_rule[-1]
+    return max(range(1, most + 1), key=lambda s: wave_fill(batch * heads * s, slots, num_sms)[1])

@@ -10,6 +10,7 @@ longer writes).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -326,3 +328,68 @@ def random_block_tables(
         table[b, :n] = perm[used : used + n]
         used += n
     return table
+
+
+def make_step(*, max_query_len: int, max_context_len: int, is_decode: bool, **tensors: torch.Tensor):
+    """A `StepInputs` over the given tensors (input_ids, positions, slot_mapping, block_tables, context_lens,
+    query_start_loc, logits_indices), its counts read from their sizes; no block copies, no host sampling."""
+    from fastcodegen.step import SHAPE_FIELDS, StepInputs
+
+    shape = dict(
+        num_rows=tensors["context_lens"].shape[0],
+        num_tokens=tensors["input_ids"].shape[0],
+        num_samples=tensors["logits_indices"].shape[0],
+        num_host_sampled=0,
+        num_copies=0,
+        max_query_len=max_query_len,
+        max_context_len=max_context_len,
+        is_decode=is_decode,
+    )
+    assert set(shape) == set(SHAPE_FIELDS)
+    return StepInputs(shape, tensors)
+
+
+class NativeDetokenizer:
+    """The engine's detokenizing, one token at a time: a token's bytes through the native UTF-8 decoder.
+
+    The native scheduler appends `Tokenizer.token_bytes` of each token (none
+    for a special token it skips) to a sequence's text through this decoder,
+    which holds back a character's bytes until it is complete.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        from fastcodegen import _C
+
+        self._tokenizer = tokenizer
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._utf8 = _C.Utf8Decoder()
+
+    def add(self, token_id: int) -> str:
+        if token_id in self._skip:
+            return ""
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id)).decode()
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True).decode()
+
+
+@contextlib.contextmanager
+def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.Tensor]]:
+    """While open, torch.empty and torch.empty_like return tensors full of NaN (floating point) or of the dtype's
+    least value (integers), and the list yielded collects them: a kernel wrapper's outputs start poisoned."""
+    empty, empty_like = torch.empty, torch.empty_like
+    made: list[torch.Tensor] = []
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        made.append(t)
+        return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", lambda *args, **kwargs: poisoned(empty(*args, **kwargs)))
+        m.setattr(torch, "empty_like", lambda *args, **kwargs: poisoned(empty_like(*args, **kwargs)))
+        yield made
+
+
+def was_poisoned(t: torch.Tensor, made: list[torch.Tensor]) -> bool:
+    """Whether t is one of the tensors `poisoned_allocations` made."""
+    return any(t.data_ptr() == p.data_ptr() for p in made)

@@ -24,19 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, TOKENIZER_SIZE, hf_greedy
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, TOKENIZER_SIZE, hf_greedy, make_step
 from fastcodegen import Engine, SamplingParams
-from fastcodegen.batch import Batch
 from fastcodegen.config import ModelConfig
-from fastcodegen.models.torch_ops import TorchOps
-from fastcodegen.models.triton_ops import TritonOps
-from fastcodegen.sampler import sampling_inputs
+from fastcodegen.models.ops import make_ops
+from fastcodegen.sampler import SamplingInputs
+from fastcodegen.step import StepInputs
 
 BLOCK_SIZE = 16
 
 
 def _paged_step(q_lens, ctx_lens, config, dtype, device, gen):
-    """Random unpaged K/V per sequence, scattered into shuffled cache blocks, and a step's Batch over them."""
+    """Random unpaged K/V per sequence, scattered into shuffled cache blocks, and a step's inputs over them."""
     h, hd = config.n_head, config.head_dim
     need = [-(-n // BLOCK_SIZE) for n in ctx_lens]
     num_blocks = sum(need) + 2
@@ -57,7 +56,7 @@ def _paged_step(q_lens, ctx_lens, config, dtype, device, gen):
         values.append(v.to(dtype))
     q = torch.randn(sum(q_lens), h * hd, generator=gen)
     starts = [0] + np.cumsum(q_lens).tolist()
-    batch = Batch(
+    step = make_step(
         input_ids=torch.zeros(sum(q_lens), dtype=torch.int64, device=device),
         positions=torch.zeros(sum(q_lens), dtype=torch.int64, device=device),
         slot_mapping=torch.full((sum(q_lens),), -1, dtype=torch.int64, device=device),
@@ -70,7 +69,7 @@ def _paged_step(q_lens, ctx_lens, config, dtype, device, gen):
         is_decode=min(q_lens) == 1 and max(q_lens) == 1,
     )
     to = dict(device=device, dtype=dtype)
-    return q.to(**to), k_cache.to(**to), v_cache.to(**to), batch, keys, values
+    return q.to(**to), k_cache.to(**to), v_cache.to(**to), step, keys, values
 
 
 def _attention_by_hand(q, keys, values, q_lens, ctx_lens, n_head):
@@ -98,7 +97,7 @@ IDLE_ROW_STEPS = {
 
 
 def _ops(backend: str, config: ModelConfig, device: torch.device):
-    return (TritonOps if backend == "triton" else TorchOps)(config, device)
+    return make_ops(config, backend, device, config.n_positions)
 
 
 @pytest.mark.parametrize("step", list(IDLE_ROW_STEPS))
@@ -107,11 +106,11 @@ def _ops(backend: str, config: ModelConfig, device: torch.device):
 def test_idle_rows_beside_one_token_rows(step, backend, dtype, fresh_seed):
     config = ModelConfig(n_layer=1, n_embd=320, n_head=4, rotary_dim=64)  # head_dim 80
     q_lens, ctx = IDLE_ROW_STEPS[step]
-    q, k_cache, v_cache, batch, keys, values = _paged_step(
+    q, k_cache, v_cache, inputs, keys, values = _paged_step(
         q_lens, ctx, config, dtype, KERNEL_DEVICE, torch.Generator().manual_seed(fresh_seed)
     )
-    assert batch.max_query_len == 1 and not batch.is_decode
-    got = _ops(backend, config, KERNEL_DEVICE).attention(q, k_cache, v_cache, batch)
+    assert inputs.max_query_len == 1 and not inputs.is_decode
+    got = _ops(backend, config, KERNEL_DEVICE).attention(q, k_cache, v_cache, inputs)
     expect = _attention_by_hand(q.cpu(), keys, values, q_lens, ctx, config.n_head)
     torch.testing.assert_close(got.cpu().float(), expect, **KERNEL_TOL[dtype])
 
@@ -126,22 +125,23 @@ def _record_attention(engine) -> list[dict]:
     calls: list[dict] = []
     layer0_cache = engine._runner.kv_cache.layer(0)[0]
 
-    def attention(q, k_cache, v_cache, batch):
-        out = real(q, k_cache, v_cache, batch)
+    def attention(q, k_cache, v_cache, step):
+        out = real(q, k_cache, v_cache, step)
         if k_cache.data_ptr() == layer0_cache.data_ptr():
-            calls.append(dict(q=q.clone(), k=k_cache.clone(), v=v_cache.clone(), batch=_clone(batch), out=out.clone()))
+            calls.append(dict(q=q.clone(), k=k_cache.clone(), v=v_cache.clone(), step=_to(step), out=out.clone()))
         return out
 
     ops.attention = attention
     return calls
 
 
-def _clone(batch: Batch) -> Batch:
-    return Batch(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
+def _to(step: StepInputs, device: torch.device | None = None) -> StepInputs:
+    """A copy of the step's inputs (on `device`, if given)."""
+    return step.replace(**{k: t.to(device=device, copy=True) for k, t in step.tensors.items()})
 
 
-def _q_lens(batch: Batch) -> np.ndarray:
-    return np.diff(batch.query_start_loc.cpu().numpy())
+def _q_lens(step: StepInputs) -> np.ndarray:
+    return np.diff(step.query_start_loc.cpu().numpy())
 
 
 def test_scheduler_fuzz_under_block_pressure(checkpoint, fresh_seed):
@@ -164,20 +164,19 @@ def test_scheduler_fuzz_under_block_pressure(checkpoint, fresh_seed):
         for p, n, out in zip(prompts, news, outs):
             assert out.outputs[0].token_ids == hf_greedy(hf, p, n)
     assert engine.stats.preemptions > 0
-    idle = [i for i, c in enumerate(calls) if c["batch"].max_query_len == 1 and (_q_lens(c["batch"]) == 0).any()]
+    idle = [i for i, c in enumerate(calls) if c["step"].max_query_len == 1 and (_q_lens(c["step"]) == 0).any()]
     assert idle, "the fuzz made no step with an idle row beside one-token rows"
-    assert not any(calls[i]["batch"].is_decode for i in idle)
+    assert not any(calls[i]["step"].is_decode for i in idle)
 
     # The same steps through the Triton kernels (interpreted on the CPU): idle-row steps and a few others.
     others = [i for i in range(len(calls)) if i not in idle]
     picks = rng.choice(idle, size=min(8, len(idle)), replace=False).tolist()
     picks += rng.choice(others, size=min(4, len(others)), replace=False).tolist()
     picks = [calls[i] for i in picks]
-    triton_ops = TritonOps(engine.model_config, torch.device(KERNEL_DEVICE))
+    triton_ops = _ops("triton", engine.model_config, torch.device(KERNEL_DEVICE))
     for c in picks:
         to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-        b = Batch(**{k: (to(v) if isinstance(v, torch.Tensor) else v) for k, v in vars(c["batch"]).items()})
-        got = triton_ops.attention(to(c["q"]), to(c["k"]), to(c["v"]), b)
+        got = triton_ops.attention(to(c["q"]), to(c["k"]), to(c["v"]), _to(c["step"], KERNEL_DEVICE))
         torch.testing.assert_close(got.cpu(), c["out"], **KERNEL_TOL[torch.float32])
 
 
@@ -202,39 +201,36 @@ def _lockstep(engines: list[Engine], first: list, then: list, after_steps: int) 
     seen = {"steps": 0, "idle_rows": 0, "decode": 0, "copies": 0}
     for prompt, params in first:
         for e in engines:
-            e._add(None, prompt, params, watch=False)
-    while lead._scheduler.core.has_unfinished():
+            e.add_request(prompt_token_ids=prompt, sampling_params=params)
+    while lead._scheduler.has_unfinished():
         if seen["steps"] == after_steps:
             for prompt, params in then:
                 for e in engines:
-                    e._add(None, prompt, params, watch=False)
+                    e.add_request(prompt_token_ids=prompt, sampling_params=params)
         steps = [e._scheduler.schedule() for e in engines]
-        info = steps[0].info
+        first_step = steps[0]
         for s in steps[1:]:
-            assert (s.info.num_rows, s.info.num_tokens, s.info.num_samples) == (
-                info.num_rows, info.num_tokens, info.num_samples,
+            assert (s.num_rows, s.num_tokens, s.num_samples) == (
+                first_step.num_rows, first_step.num_tokens, first_step.num_samples,
             )  # fmt: skip
-            assert torch.equal(s.input_ids, steps[0].input_ids)
+            assert torch.equal(s.input_ids, first_step.input_ids)
         seen["steps"] += 1
-        seen["idle_rows"] += int((_q_lens_host(steps[0]) == 0).sum())
-        seen["decode"] += int(info.is_decode)
-        seen["copies"] += info.num_copies
+        seen["idle_rows"] += int((_q_lens(first_step) == 0).sum())
+        seen["decode"] += int(first_step.is_decode)
+        seen["copies"] += first_step.num_copies
         logits = [e._runner.execute(s) for e, s in zip(engines, steps)]
         if logits[0].numel():  # a step in the middle of prompts samples nothing
             scale = logits[0].abs().max().item()
             for i, lg in enumerate(logits):
                 worst[i] = max(worst[i], (lg.float() - logits[0].float()).abs().max().item() / scale)
-        inputs = sampling_inputs(steps[0].temperature, steps[0].top_k, steps[0].top_p, lead.config.device)
-        tokens = lead._sampler(logits[0], inputs).tokens
-        for e in engines:
-            e._scheduler.update(tokens)
+        runner = lead._runner
+        inputs = SamplingInputs.of(first_step, runner._on_device(first_step), lead._outputs.requests, runner.device)
+        sampled = runner.sampler(logits[0], inputs)
+        for e, s in zip(engines, steps):
+            e._outputs.process(s, sampled.logprobs, e._scheduler.update(sampled.tokens, sampled.finite))
     for e in engines:
-        e._scheduler.core.check()
+        e._scheduler.check()
     return {"worst": worst, **seen}
-
-
-def _q_lens_host(step) -> np.ndarray:
-    return np.diff(step.query_start_loc.numpy())
 
 
 @pytest.mark.parametrize("model", ["codegen-350M-mono", "codegen-2B-mono"])
@@ -287,9 +283,9 @@ def test_cuda_idle_rows_at_real_geometry(size, step, dtype, _, fresh_seed):
     q_lens, ctx = IDLE_ROW_STEPS[step]
     ctx = [c * 20 for c in ctx]  # contexts of hundreds of tokens
     device = torch.device("cuda")
-    q, k_cache, v_cache, batch, keys, values = _paged_step(
+    q, k_cache, v_cache, inputs, keys, values = _paged_step(
         q_lens, ctx, config, dtype, device, torch.Generator().manual_seed(fresh_seed)
     )
-    got = _ops("triton", config, device).attention(q, k_cache, v_cache, batch)
+    got = _ops("triton", config, device).attention(q, k_cache, v_cache, inputs)
     expect = _attention_by_hand(q.cpu(), keys, values, q_lens, ctx, config.n_head)
     torch.testing.assert_close(got.cpu().float(), expect, **KERNEL_TOL[dtype])

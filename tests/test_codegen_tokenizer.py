@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from test_tokenizer import FIXED_TEXTS, _random_code, _whitespace_texts
 
-from conftest import EOS, WHITESPACE_TOKENS, stdlib_sources
+from conftest import EOS, WHITESPACE_TOKENS, NativeDetokenizer, stdlib_sources
 from fastcodegen import registry
-from fastcodegen.tokenizer import IncrementalDetokenizer, Tokenizer
+from fastcodegen.tokenizer import Tokenizer
 
 SHIPPED = registry.codegen_tokenizer_dir()
 EOS_ID = 50256
@@ -133,5 +133,5 @@ def test_decode_round_trips(shipped, fresh_seed):
         ids = shipped.encode(text)
         assert shipped.decode(ids, skip_special_tokens=False) == text, repr(text[:200])
         assert shipped.decode(ids, skip_special_tokens=True) == text.replace(EOS, ""), repr(text[:200])
-        det = IncrementalDetokenizer(shipped, skip_special_tokens=False)
+        det = NativeDetokenizer(shipped, skip_special_tokens=False)
         assert "".join(det.add(i) for i in ids) + det.flush() == text, repr(text[:200])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import TOKENIZER_SIZE, hf_greedy
 from fastcodegen import Engine, SamplingParams
+from fastcodegen.request import Reader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -35,31 +37,37 @@ def test_every_bucket_replays_like_eager(engines, fresh_seed):
                 for n in torch.randint(3, 40, (rows,), generator=g)
             ]
             for p in prompts:
-                graphed._add(None, p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), watch=False)
+                graphed._outputs.add(None, p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), Reader())
             while True:  # prefill (eager), until the step about to run is a decode step of all rows
                 step = sched.schedule()
-                if step.info.is_decode and step.info.num_rows == rows:
+                if step.is_decode and step.num_rows == rows:
                     break
                 logits = runner.execute(step)
-                tokens = graphed._sampler(logits, _greedy_inputs(step)).tokens
-                sched.update(tokens)
-            replayed = runner.run_graph(step).clone()
-            batch = runner.upload(step)
-            eager = runner.model.compute_logits(runner.model.forward(batch, runner.kv_cache)[batch.logits_indices])
+                tokens = runner.sampler(logits, _greedy_inputs(step)).tokens
+                sched.update(tokens, np.ones(len(tokens), dtype=bool))
+            replayed = runner.execute(step).clone()  # a decode step that fits a bucket replays its graph
+            dev = runner._upload(step)
+            eager = runner.model.compute_logits(runner.model.forward(dev, runner.kv_cache)[dev.logits_indices])
             torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
-            tokens = graphed._sampler(replayed, _greedy_inputs(step)).tokens
-            sched.update(tokens)
-            for req in list(graphed._requests.values()):
-                graphed._abort(req)
-                graphed._forget(req)
-            sched.core.check()
-            assert graphed.num_free_kv_blocks == graphed._scheduler.core.pool.num_blocks
+            tokens = runner.sampler(replayed, _greedy_inputs(step)).tokens
+            sched.update(tokens, np.ones(len(tokens), dtype=bool))
+            graphed._outputs.forget_all(list(graphed._outputs.requests.values()))
+            sched.check()
+            assert graphed.num_free_kv_blocks == graphed.kv_cache_tokens // graphed.config.block_size
 
 
 def _greedy_inputs(step):
-    from fastcodegen.sampler import sampling_inputs
+    from fastcodegen.sampler import SamplingInputs
 
-    return sampling_inputs(step.temperature, step.top_k, step.top_p, torch.device("cuda"))
+    cuda = {k: getattr(step, k).cuda() for k in ("temperature", "top_k", "top_p")}
+    return SamplingInputs(
+        **cuda,
+        host_temperature=step.temperature.numpy(),
+        host_top_k=step.top_k.numpy(),
+        host_top_p=step.top_p.numpy(),
+        generators={},
+        logprobs={},
+    )
 
 
 def test_graphed_engine_generates_like_eager_and_transformers(engines, fresh_seed):

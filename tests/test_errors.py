@@ -85,7 +85,7 @@ def engine(checkpoint):
 def _assert_usable(engine, hf):
     assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
     assert not engine.has_unfinished_requests()
-    engine._scheduler.core.check()
+    engine._scheduler.check()
     out = engine.generate(
         prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     )

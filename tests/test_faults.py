@@ -33,8 +33,8 @@ def _poison_rows_of(engine, prompt_first_token: int, value: float, after_steps: 
         logits = real(step).clone()
         steps["n"] += 1
         if steps["n"] > after_steps:
-            for row in range(step.info.num_samples):
-                req = engine._requests[int(step.sample_request[row])]
+            for row in range(step.num_samples):
+                req = engine._outputs.requests[int(step.sample_request[row])]
                 if req.prompt_token_ids[0] == prompt_first_token:
                     logits[row, 3] = value
         return logits
@@ -64,7 +64,7 @@ def test_non_finite_logits_fail_that_request_and_the_others_complete(engine_fact
     assert len(bad.outputs[0].token_ids) == after_steps  # nothing appended once the logits went bad
     # The engine is whole and usable: every block back, the next call normal.
     engine._runner.execute = real
-    engine._scheduler.core.check()
+    engine._scheduler.check()
     assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
     again = engine.generate(prompt_token_ids=prompts[1:2], sampling_params=GREEDY)
     assert again[0].outputs[0].token_ids == hf_greedy(hf, prompts[1], 6)
@@ -105,7 +105,7 @@ def test_nan_weights_fail_every_request_with_a_clear_error(engine_factory):
     with pytest.raises(GenerationError, match="2 of 2 prompts failed") as e:
         engine.generate(prompt_token_ids=[[1, 2], [3, 4, 5]], sampling_params=GREEDY)
     assert all(o.outputs[0].token_ids == [] for o in e.value.outputs)
-    engine._scheduler.core.check()
+    engine._scheduler.check()
     assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
 
 
@@ -211,7 +211,7 @@ def test_working_memory_counts_the_sampler_and_the_graph_pool():
 
 
 def test_triton_refuses_float32_on_cuda():
-    from fastcodegen.engine import _resolve_backend
+    from fastcodegen.config import resolve_backend as _resolve_backend
 
     cuda = torch.device("cuda", 0)
     with pytest.raises(ValueError, match="backend='torch'"):

@@ -4,7 +4,7 @@ Block tables are shuffled (non-contiguous) and padded; sequences cross block
 boundaries, have a cached prefix before their new tokens, or hold a single
 token. Cache slots no sequence owns hold a large finite value: a kernel that
 read one would be far off (NaN would poison the reference's own masked
-product as well). Outputs start as NaN.
+product as well). Outputs (and decode's partial results) start as NaN.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, random_block_tables
-from fastcodegen.kernels.decode_attention import decode_attention, num_splits
-from fastcodegen.kernels.prefill_attention import paged_attention, paged_attention_reference
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, poisoned_allocations, random_block_tables, was_poisoned
+from fastcodegen.kernels.decode_attention import decode_attention
+from fastcodegen.kernels.prefill_attention import paged_attention
+from fastcodegen.kernels.settings import num_splits
+from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference
 
 HEAD_DIMS = [64, 80, 256]
 N_HEAD = 2
@@ -54,7 +56,7 @@ PREFILL_BATCHES = {
 @pytest.mark.parametrize("batch", list(PREFILL_BATCHES))
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_prefill_attention_matches_reference(batch, head_dim, dtype, fresh_seed):
+def test_prefill_attention_matches_reference(batch, head_dim, dtype, fresh_seed, monkeypatch):
     g = torch.Generator().manual_seed(fresh_seed)
     seqs = PREFILL_BATCHES[batch]
     q_lens = [q for q, _ in seqs]
@@ -65,17 +67,17 @@ def test_prefill_attention_matches_reference(batch, head_dim, dtype, fresh_seed)
     q = torch.randn(t, N_HEAD, head_dim, generator=g).to(dev, dtype)
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
-    out = torch.full_like(q, float("nan"))
-    got = paged_attention(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx), out=out)
+    with poisoned_allocations(monkeypatch) as made:
+        got = paged_attention(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx))
     expect = paged_attention_reference(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx))
-    assert got.data_ptr() == out.data_ptr()
+    assert was_poisoned(got, made)
     torch.testing.assert_close(got, expect, **KERNEL_TOL[dtype])
 
 
 @pytest.mark.parametrize("splits", [1, 3, "planned"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed):
+def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed, monkeypatch):
     g = torch.Generator().manual_seed(fresh_seed)
     # Contexts of 1 token, exactly one block, one past it, several blocks and
     # key tiles; the last row is a padding row (context 0), as in a CUDA graph's batch.
@@ -83,12 +85,13 @@ def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed)
     k_cache, v_cache, tables = _cache(ctx, head_dim, dtype, g)
     dev = KERNEL_DEVICE
     b = len(ctx)
-    if splits == "planned":
-        splits = num_splits(b, N_HEAD, 2048, head_dim)
+    # "planned": the split count the wrapper plans itself for a context limit (settings.num_splits)
+    grid = dict(max_model_len=2048) if splits == "planned" else dict(splits=splits)
     q = torch.randn(b, N_HEAD, head_dim, generator=g).to(dev, dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
-    out = torch.full_like(q, float("nan"))
-    got = decode_attention(q, k_cache, v_cache, tables, lens, splits, out=out)
+    with poisoned_allocations(monkeypatch) as made:
+        got = decode_attention(q, k_cache, v_cache, tables, lens, max(ctx), **grid)
+    assert was_poisoned(got, made)
     real = b - 1
     expect = paged_attention_reference(
         q[:real], k_cache, v_cache, tables[:real], lens[:real],
@@ -106,7 +109,7 @@ def test_decode_equals_prefill_of_one_token(fresh_seed):
     dev = KERNEL_DEVICE
     q = torch.randn(3, N_HEAD, 80, generator=g).to(dev)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
-    a = decode_attention(q, k_cache, v_cache, tables, lens, 4)
+    a = decode_attention(q, k_cache, v_cache, tables, lens, max(ctx), splits=4)
     b = paged_attention(q, k_cache, v_cache, tables, lens, torch.arange(4, dtype=torch.int32, device=dev), 1, max(ctx))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -3,8 +3,9 @@
 Odd geometries (head_dim 80 with 16 pass-through dims, rotary over the whole
 head, head_dim 256), row counts on both sides of the kernel's tile sizes,
 positions anywhere in the context, cache slots shuffled with -1 padding.
-Outputs and caches start as NaN: an element the kernel should write and
-does not stays NaN and fails; a slot it must not write stays NaN too.
+Outputs (poisoned allocations) and caches start as NaN: an element the
+kernel should write and does not stays NaN and fails; a slot it must not
+write stays NaN too.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL
-from fastcodegen.kernels.in_proj import in_proj, in_proj_reference
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, poisoned_allocations, was_poisoned
+from fastcodegen.kernels.in_proj import in_proj
+from fastcodegen.models.torch_ops import in_proj as in_proj_reference
 from fastcodegen.models.torch_ops import rotary_tables
 from fastcodegen.weights import InProjLayout
 
@@ -31,23 +33,23 @@ BLOCK_SIZE = 4
 @pytest.mark.parametrize("tokens", [1, 5, 37, 70])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_in_proj_matches_reference(geometry, tokens, dtype, fresh_seed):
-    check_in_proj(geometry, tokens, dtype, fresh_seed)
+def test_in_proj_matches_reference(geometry, tokens, dtype, fresh_seed, monkeypatch):
+    check_in_proj(geometry, tokens, dtype, fresh_seed, monkeypatch)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("tokens", [1, 70])  # one row tile, and prefill's tiles over several
 @pytest.mark.parametrize("geometry", ["hd80-rot64", "hd256-rot64"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_in_proj_split_k_matches_reference(geometry, tokens, split_k, dtype, fresh_seed):
+def test_in_proj_split_k_matches_reference(geometry, tokens, split_k, dtype, fresh_seed, monkeypatch):
     """K cut into slices reduced in the launch (rotary tiles' pairs and plain tiles); counters left zero."""
     counters = torch.zeros(64, device=KERNEL_DEVICE, dtype=torch.int32)
     for _ in range(2):  # the second launch finds the counters the first one reset
-        check_in_proj(geometry, tokens, dtype, fresh_seed, split_k=split_k, counters=counters)
+        check_in_proj(geometry, tokens, dtype, fresh_seed, monkeypatch, split_k=split_k, counters=counters)
         assert not counters.any()
 
 
-def check_in_proj(geometry, tokens, dtype, fresh_seed, **kernel_options):
+def check_in_proj(geometry, tokens, dtype, fresh_seed, monkeypatch, **kernel_options):
     n_head, head_dim, rotary_dim = GEOMETRIES[geometry]
     d = n_head * head_dim
     layout = InProjLayout(n_head, head_dim, rotary_dim, d, 4 * d)
@@ -70,14 +72,13 @@ def check_in_proj(geometry, tokens, dtype, fresh_seed, **kernel_options):
     k_cache = torch.full((num_blocks, BLOCK_SIZE, n_head, head_dim), nan, device=dev, dtype=dtype)
     v_cache = k_cache.clone()
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    q_out = torch.full((tokens, d), nan, device=dev, dtype=dtype)
-    g_out = torch.full((tokens, layout.n_inner), nan, device=dev, dtype=dtype)
 
     args = (x, ln_w, ln_b, w_in, b_in, positions, slots, cos, sin)
-    q, gelu = in_proj(*args, k_cache, v_cache, layout, 1e-5, q_out=q_out, g_out=g_out, **kernel_options)
+    with poisoned_allocations(monkeypatch) as made:  # q, gelu, ln_1(x) and split-K's partial sums start as NaN
+        q, gelu = in_proj(*args, k_cache, v_cache, layout, 1e-5, **kernel_options)
     q_expect, gelu_expect = in_proj_reference(*args, k_ref, v_ref, layout, 1e-5)
 
-    assert q.data_ptr() == q_out.data_ptr() and gelu.data_ptr() == g_out.data_ptr()
+    assert was_poisoned(q, made) and was_poisoned(gelu, made)
     torch.testing.assert_close(q, q_expect, **KERNEL_TOL[dtype])
     torch.testing.assert_close(gelu, gelu_expect, **KERNEL_TOL[dtype])
     # Written exactly where the reference writes (slot -1 and unused slots stay NaN), with its values.

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, poisoned_allocations, was_poisoned
 from fastcodegen.kernels.layer_norm import MAX_WIDTH, layer_norm
 
 
 @pytest.mark.parametrize("rows,width", [(1, 80), (5, 320), (3, 1000)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_layer_norm_matches_torch(rows, width, dtype, fresh_seed):
+def test_layer_norm_matches_torch(rows, width, dtype, fresh_seed, monkeypatch):
     g = torch.Generator().manual_seed(fresh_seed)
     dev = KERNEL_DEVICE
     # A large mean beside a small spread: a one-pass E[x^2] - E[x]^2 variance would lose it.
@@ -20,9 +20,9 @@ def test_layer_norm_matches_torch(rows, width, dtype, fresh_seed):
     x = wide[:, 3 : 3 + width]  # rows in a wider buffer: the row stride is not the width
     w = (torch.randn(width, generator=g) * 0.1 + 1.0).to(dev, dtype)
     b = (torch.randn(width, generator=g) * 0.1).to(dev, dtype)
-    out = torch.full((rows, width), float("nan"), device=dev, dtype=dtype)
-    got = layer_norm(x, w, b, 1e-5, out=out)
-    assert got.data_ptr() == out.data_ptr()
+    with poisoned_allocations(monkeypatch) as made:
+        got = layer_norm(x, w, b, 1e-5)
+    assert was_poisoned(got, made)
     expect = F.layer_norm(x.float(), (width,), w.float(), b.float(), 1e-5).to(dtype)
     torch.testing.assert_close(got, expect, **KERNEL_TOL[dtype])
 

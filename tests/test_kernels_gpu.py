@@ -32,7 +32,8 @@ def _rand(gen, *shape, dtype, scale=1.0, shift=0.0):
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
-    from fastcodegen.kernels.in_proj import in_proj, in_proj_reference
+    from fastcodegen.kernels.in_proj import in_proj
+    from fastcodegen.models.torch_ops import in_proj as in_proj_reference
     from fastcodegen.models.torch_ops import rotary_tables
     from fastcodegen.weights import InProjLayout
 
@@ -68,7 +69,8 @@ def test_in_proj_real_shapes(size, tokens, dtype, fresh_seed):
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
-    from fastcodegen.kernels.out_proj import out_proj, out_proj_reference
+    from fastcodegen.kernels.out_proj import out_proj
+    from fastcodegen.models.torch_ops import out_proj as out_proj_reference
 
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
@@ -82,7 +84,8 @@ def test_out_proj_real_shapes(size, tokens, dtype, fresh_seed):
 def test_split_k_in_a_cuda_graph_is_exact_and_deterministic(size, fresh_seed):
     """Split-K reduced in the launch, replayed from a graph with persistent counters: each replay equals the
     reference for its new inputs, repeated replays are bitwise equal, and the counters end zeroed."""
-    from fastcodegen.kernels.out_proj import out_proj, out_proj_reference
+    from fastcodegen.kernels.out_proj import out_proj
+    from fastcodegen.models.torch_ops import out_proj as out_proj_reference
 
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
@@ -90,11 +93,10 @@ def test_split_k_in_a_cuda_graph_is_exact_and_deterministic(size, fresh_seed):
     a, h, r = _rand(g, 1, d, dtype=dtype), _rand(g, 1, f, dtype=dtype), _rand(g, 1, d, dtype=dtype)
     w, b = _rand(g, d, d + f, dtype=dtype, scale=(d + f) ** -0.5), _rand(g, d, dtype=dtype, scale=0.1)
     counters = torch.zeros(4096, device="cuda", dtype=torch.int32)
-    out = torch.empty(1, d, device="cuda", dtype=dtype)
-    out_proj(a, h, w, b, r, out=out, counters=counters)  # compiles outside the capture
+    out_proj(a, h, w, b, r, counters=counters)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_proj(a, h, w, b, r, out=out, counters=counters)
+        out = out_proj(a, h, w, b, r, counters=counters)  # allocated in the graph's pool: each replay rewrites it
     for _ in range(3):
         for t in (a, h, r):
             t.copy_(_rand(g, *t.shape, dtype=dtype))
@@ -118,7 +120,8 @@ def _paged(ctx, c, dtype, g, seed):
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefill_attention_real_shapes(size, dtype, fresh_seed):
-    from fastcodegen.kernels.prefill_attention import paged_attention, paged_attention_reference
+    from fastcodegen.kernels.prefill_attention import paged_attention
+    from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference
 
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
@@ -138,9 +141,11 @@ def test_prefill_attention_real_shapes(size, dtype, fresh_seed):
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
-    from fastcodegen.kernels.decode_attention import decode_attention, num_splits
-    from fastcodegen.kernels.prefill_attention import paged_attention_reference
+def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed, monkeypatch):
+    from conftest import poisoned_allocations, was_poisoned
+    from fastcodegen.kernels.decode_attention import decode_attention
+    from fastcodegen.kernels.settings import device_sms
+    from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference
 
     c = SIZES[size]
     g = torch.Generator(device="cuda").manual_seed(fresh_seed)
@@ -149,12 +154,12 @@ def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed):
     k, v, tables = _paged(ctx + [0] * pad, c, dtype, g, fresh_seed)
     q = _rand(g, batch + pad, c.n_head, c.head_dim, dtype=dtype)
     lens = torch.tensor(ctx + [0] * pad, dtype=torch.int32, device="cuda")
-    splits = num_splits(
-        batch + pad, c.n_head, c.n_positions, c.head_dim, q.element_size(),
-        num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
-    )  # fmt: skip
-    out = torch.full_like(q, float("nan"))
-    got = decode_attention(q, k, v, tables, lens, splits, out=out)
+    with poisoned_allocations(monkeypatch) as made:  # the output and the splits' partial results start as NaN
+        # Split as the engine's launch plans it on this device (settings.num_splits).
+        got = decode_attention(
+            q, k, v, tables, lens, max(ctx), max_model_len=c.n_positions, num_sms=device_sms(q.device)
+        )
+    assert was_poisoned(got, made)
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     ref = paged_attention_reference(q[:batch], k, v, tables[:batch], lens[:batch], starts, 1, max(ctx))
     torch.testing.assert_close(got[:batch], ref, **KERNEL_TOL[dtype])

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from conftest import SHAPES
-from fastcodegen.batch import Batch
+from conftest import SHAPES, make_step
+from fastcodegen.step import StepInputs
 
 # Worst |ours - transformers| over the logits, relative to the largest |logit|.
 # float32: both sides compute the same operations and differ only in
@@ -29,9 +29,9 @@ PROMPT_LENS = [5, 17, 33]  # crossing 16-token block boundaries
 DECODE_STEPS = 3
 
 
-def _batch(
+def _step(
     seqs: list[list[int]], starts: list[int], tables: list[list[int]], block_size: int, is_decode: bool
-) -> Batch:
+) -> StepInputs:
     """Row b computes tokens seqs[b][starts[b]:] after the cached ones before; its blocks are tables[b]."""
     ids, pos, slots, qsl = [], [], [], [0]
     for toks, start, table in zip(seqs, starts, tables):
@@ -41,7 +41,7 @@ def _batch(
             slots.append(table[p // block_size] * block_size + p % block_size)
         qsl.append(len(ids))
     width = max(len(t) for t in tables)
-    return Batch(
+    return make_step(
         input_ids=torch.tensor(ids),
         positions=torch.tensor(pos),
         slot_mapping=torch.tensor(slots),
@@ -69,17 +69,17 @@ def _prefill_and_decode(engine, prompts: list[list[int]], continuations: list[li
         tables.append(list(range(next_block, next_block - need, -1)))
         next_block -= need
     model, kv = runner.model, runner.kv_cache
-    batch = _batch(prompts, [0] * len(prompts), tables, bs, is_decode=False)
-    prefill = model.compute_logits(model.forward(batch, kv))
-    starts = batch.query_start_loc.tolist()
+    step = _step(prompts, [0] * len(prompts), tables, bs, is_decode=False)
+    prefill = model.compute_logits(model.forward(step, kv))
+    starts = step.query_start_loc.tolist()
     prefill_logits = [prefill[a:b] for a, b in zip(starts, starts[1:])]
     decode_logits = []
     seqs = [list(p) for p in prompts]
-    for step in range(len(continuations[0])):
+    for i in range(len(continuations[0])):
         for s, c in zip(seqs, continuations):
-            s.append(c[step])
-        batch = _batch(seqs, [len(s) - 1 for s in seqs], tables, bs, is_decode=True)
-        decode_logits.append(model.compute_logits(model.forward(batch, kv)))
+            s.append(c[i])
+        step = _step(seqs, [len(s) - 1 for s in seqs], tables, bs, is_decode=True)
+        decode_logits.append(model.compute_logits(model.forward(step, kv)))
     return prefill_logits, decode_logits
 
 

@@ -1,26 +1,33 @@
 """The native scheduler (`fastcodegen._C.Scheduler`) without a model: random tokens stand in for the sampler.
 
-A harness binds the step buffers, keeps a plain Python model of every
-request and sequence (prompt, tokens fed so far, completion index, how it
-must finish) and of the KV cache's contents (slot -> the tokens whose K/V it
-holds: the token at that position and everything before it), and after every
-schedule() checks the step's metadata against it: positions, slots from the
-row's own block table, query starts, context lengths, which rows sample with
-what parameters; it makes the block copies and the KV writes the step asks
-for and then checks that every row reads, through its block table, exactly
-the K/V of its own tokens (so prefix-cache hits, shared fork blocks and
-copy-on-write are checked by content, not by id). After update() the model
-says which sequences finish and why (end-of-text, stop token ids,
-max_tokens, max_model_len) and what each holds.
+A harness allocates the step buffers from the scheduler's table of step
+fields, binds them by name, and keeps a plain Python model of every request
+and sequence (prompt, tokens fed so far, completion index, how it must
+finish, its text) and of the KV cache's contents (slot -> the tokens whose
+K/V it holds: the token at that position and everything before it). After
+every schedule() it checks the step's metadata against the model:
+positions, slots from the row's own block table, query starts, context
+lengths, which rows sample with what parameters; it makes the block copies
+and the KV writes the step asks for and then checks that every row reads,
+through its block table, exactly the K/V of its own tokens (so prefix-cache
+hits, shared fork blocks and copy-on-write are checked by content, not by
+id). After update() the model says which sequences finish and why
+(end-of-text, stop token ids, stop strings, max_tokens, max_model_len,
+non-finite logits), what each holds, and which events update() returns:
+which sequence each sampled row went to, and the text bytes each reports,
+decoded by Python's own UTF-8 decoder (errors="replace") from a vocabulary
+of made-up byte tokens.
 
 On top of that: a randomized run (seeded from `fresh_seed`) through random
-requests, steps, aborts and removals with a small KV cache, and explicit
-checks of continuous batching, chunked prefill, prefix-cache hits, n-sample
-forks with copy-on-write, abort and the stop conditions.
+requests, steps, aborts, removals and non-finite rows with a small KV cache,
+and explicit checks of binding, continuous batching, chunked prefill,
+prefix-cache hits, n-sample forks with copy-on-write, abort, errors, events
+and the stop conditions.
 """
 
 from __future__ import annotations
 
+import codecs
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,12 +39,10 @@ from fastcodegen import _C
 
 VOCAB = 64
 EOS = 0
-STOP, LENGTH, ABORT = 1, 2, 3
-BUFFERS = [
-    "input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens", "block_tables", "logits_indices",
-    "temperature", "top_k", "top_p", "sample_seq", "sample_index", "sample_request", "special_rows", "copy_src",
-    "copy_dst",
-]  # fmt: skip
+NOT_FINISHED, STOP, LENGTH, ABORT, ERROR = 0, 1, 2, 3, 4
+DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32}
+# The text of made-up tokens: ASCII, and characters of 2, 3 and 4 bytes whose bytes tokens split.
+ALPHABET = "ab \nxé中😀"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -54,7 +59,9 @@ class Req:
     temperature: float
     top_k: int
     top_p: float
-    special: bool
+    host_sampled: bool
+    report_tokens: bool
+    stop: list[str]
     seqs: list[int] = field(default_factory=list)
     removed: bool = False
 
@@ -86,6 +93,32 @@ class Step:
     admitted: set[int]
 
 
+def random_vocab(rng: random.Random, size: int = VOCAB) -> list[bytes]:
+    """Tokens of 1 to 4 bytes cut from UTF-8 text, so characters straddle tokens; a few invalid bytes too."""
+    data = "".join(rng.choice(ALPHABET) for _ in range(4 * size)).encode()
+    vocab, i = [b"<|eos|>"], 0
+    while len(vocab) < size:
+        if rng.random() < 0.05:
+            vocab.append(rng.choice([b"\xff", b"\x80", b"\xc3", b"\xf0\x9f"]))
+            continue
+        k = rng.randint(1, 4)
+        vocab.append(data[i : i + k])
+        i += k
+    return vocab
+
+
+def random_stops(rng: random.Random) -> list[str]:
+    """Up to three stop strings of one to three characters."""
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(0, 3))]
+
+
+def reference_text(vocab: list[bytes], tokens: list[int], stops: list[str]) -> bytes:
+    """What a sequence that got `tokens` (none of them a stop token or end-of-text) holds, independently."""
+    text = b"".join(vocab[t] for t in tokens).decode("utf-8", errors="replace")
+    hits = [text.find(s) for s in stops if s in text]
+    return text[: min(hits)].encode() if hits else text.encode()
+
+
 class Harness:
     """A native scheduler, its buffers, and a Python model of what it must do."""
 
@@ -101,6 +134,8 @@ class Harness:
         watermark_blocks: int = 0,
         enable_prefix_caching: bool = True,
         eos: tuple[int, ...] = (EOS,),
+        vocab: list[bytes] | None = None,
+        bind_seed: int | None = None,
     ):
         c = _C.SchedulerConfig()
         c.num_blocks = num_blocks
@@ -112,39 +147,32 @@ class Harness:
         c.watermark_blocks = watermark_blocks
         c.enable_prefix_caching = enable_prefix_caching
         c.eos_token_ids = list(eos)
-        self.cfg = c
         self.core = _C.Scheduler(c)
+        self.cfg = self.core.config
         self.pool = self.core.pool
         self.bs = block_size
         self.max_blocks = _cdiv(max_model_len, block_size)
         assert self.core.max_blocks_per_seq == self.max_blocks
-        t, r, s = max_num_batched_tokens, max_num_seqs, c.max_samples
         # Filled with junk, so that what schedule() leaves unwritten cannot pass for right.
-        self.buf = {
-            "input_ids": np.full(t, -5, np.int64),
-            "positions": np.full(t, -5, np.int64),
-            "slot_mapping": np.full(t, -5, np.int64),
-            "query_start_loc": np.full(r + 1, -5, np.int32),
-            "context_lens": np.full(r, -5, np.int32),
-            "block_tables": np.full((r, self.max_blocks), -5, np.int32),
-            "logits_indices": np.full(s, -5, np.int64),
-            "temperature": np.full(s, -5, np.float32),
-            "top_k": np.full(s, -5, np.int32),
-            "top_p": np.full(s, -5, np.float32),
-            "sample_seq": np.full(s, -5, np.int64),
-            "sample_index": np.full(s, -5, np.int32),
-            "sample_request": np.full(s, -5, np.int64),
-            "special_rows": np.full(s, -5, np.int32),
-            "copy_src": np.full(r, -5, np.int64),
-            "copy_dst": np.full(r, -5, np.int64),
-        }
-        self.core.bind(*(self.buf[k] for k in BUFFERS))
+        fields = self.core.step_fields()
+        if bind_seed is not None:
+            random.Random(bind_seed).shuffle(fields)
+        self.buf = {name: np.full(shape, -5, DTYPES[dtype]) for name, dtype, shape, *_ in fields}
+        self.core.bind(self.buf)
+        self.vocab = vocab
+        self.special = {EOS} if vocab is not None else set()  # end-of-text is special: never in the text
+        if vocab is not None:
+            self.core.set_vocabulary(vocab, sorted(self.special))
         self.eos = set(eos)
         self.reqs: dict[int, Req] = {}
         self.tokens: dict[int, list[int]] = {}  # seq -> prompt + outputs
         self.seq_req: dict[int, int] = {}
         self.index: dict[int, int] = {}
         self.finish: dict[int, tuple[int, int]] = {}  # seq -> (finish code, stop token)
+        self.stop_string: dict[int, int] = {}  # seq -> which stop string ended it, or -1
+        self.decoder: dict[int, codecs.IncrementalDecoder] = {}
+        self.text: dict[int, str] = {}  # seq -> its text, as Python's decoder makes it
+        self.reported: dict[int, bytes] = {}  # seq -> the bytes of its events, joined
         # Sequences check() looks at: not removed, and unfinished or not yet seen finished.
         self.active: set[int] = set()
         self.kv: dict[int, tuple[int, ...]] = {}  # slot -> the tokens whose K/V it holds
@@ -163,28 +191,50 @@ class Harness:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        special: bool = False,
+        host_sampled: bool = False,
+        report_tokens: bool = False,
+        stop: tuple[str, ...] = (),
     ) -> int:
         rc = _C.RequestConfig()
         rc.n, rc.max_tokens, rc.ignore_eos = n, max_tokens, ignore_eos
-        rc.stop_token_ids = list(stop_token_ids)
-        rc.temperature, rc.top_k, rc.top_p, rc.special = temperature, top_k, top_p, special
+        rc.stop_token_ids, rc.stop_strings = list(stop_token_ids), list(stop)
+        rc.temperature, rc.top_k, rc.top_p = temperature, top_k, top_p
+        rc.host_sampled, rc.report_tokens = host_sampled, report_tokens
         rid = self.core.add_request(list(prompt), rc)
         assert rid not in self.reqs
-        req = Req(list(prompt), n, max_tokens, ignore_eos, list(stop_token_ids), temperature, top_k, top_p, special)
+        req = Req(
+            list(prompt),
+            n,
+            max_tokens,
+            ignore_eos,
+            list(stop_token_ids),
+            temperature,
+            top_k,
+            top_p,
+            host_sampled,
+            report_tokens,
+            list(stop),
+        )
+        self.reqs[rid] = req
         seqs = self.core.request_seqs(rid)
         assert len(seqs) == 1 and seqs[0] not in self.tokens
         s = seqs[0]
-        req.seqs.append(s)
-        self.reqs[rid] = req
-        self.tokens[s] = list(prompt)
-        self.seq_req[s] = rid
-        self.index[s] = 0
-        self.active.add(s)
+        self._new_seq(s, rid, 0, list(prompt))
         info = self.core.seq_info(s)
         assert info["waiting"] and not info["running"] and info["blocks"] == [] and info["num_prompt"] == len(prompt)
         self.check()
         return rid
+
+    def _new_seq(self, s: int, rid: int, index: int, tokens: list[int]) -> None:
+        self.reqs[rid].seqs.append(s)
+        self.tokens[s] = tokens
+        self.seq_req[s] = rid
+        self.index[s] = index
+        self.stop_string[s] = -1
+        self.decoder[s] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text[s] = ""
+        self.reported[s] = b""
+        self.active.add(s)
 
     def abort(self, rid: int) -> None:
         held_only_by_it = self._blocks_freed_without(rid)
@@ -192,10 +242,19 @@ class Harness:
         self.core.abort(rid)
         for s in self.reqs[rid].seqs:
             if s not in self.finish:
-                self.finish[s] = (ABORT, -1)
+                self._end(s, ABORT)
             info = self.core.seq_info(s)
             assert info["blocks"] == [] and not info["running"] and not info["waiting"]
         assert self.pool.num_free == free_before + held_only_by_it
+        self.check()
+
+    def stop(self, s: int) -> None:
+        """stop(): a stop pattern Python matched ends a sequence."""
+        held = {b for b, hs in self._holders().items() if all(x == s for x, _ in hs)}
+        free_before = self.pool.num_free
+        self.core.stop(s)
+        self._end(s, STOP)
+        assert self.pool.num_free == free_before + len(held)
         self.check()
 
     def remove(self, rid: int) -> None:
@@ -252,8 +311,42 @@ class Harness:
 
     def check(self) -> None:
         self.core.check()
-        pool = self.pool
         infos = {s: self.core.seq_info(s) for s in sorted(self.active)}
+        self._check_blocks(infos)
+        running = waiting = 0
+        settled = set()
+        for s, info in infos.items():
+            assert info["request"] == self.seq_req[s] and info["index"] == self.index[s]
+            assert info["num_tokens"] == len(self.tokens[s])
+            assert info["num_computed"] <= info["num_tokens"]
+            assert self.core.text(s) == self.text[s].encode() and info["stop_string"] == self.stop_string[s]
+            assert info["reported"] == len(self.reported[s])
+            if s in self.finish:
+                code, stop_token = self.finish[s]
+                assert info["finish"] == code and info["stop_token"] == stop_token
+                assert not info["running"] and not info["waiting"] and info["blocks"] == []
+                settled.add(s)  # nothing changes a finished sequence any more
+            else:
+                assert info["finish"] == NOT_FINISHED
+                assert info["running"] != info["waiting"]
+                running += info["running"]
+                waiting += info["waiting"]
+                if info["waiting"]:
+                    assert info["blocks"] == [] and info["num_computed"] == 0
+                else:
+                    assert len(info["blocks"]) >= _cdiv(info["num_computed"], self.bs)
+        assert running == self.core.num_running <= self.cfg.max_num_seqs
+        assert waiting == self.core.num_waiting
+        assert self.core.has_unfinished() == bool(running + waiting)
+        for rid in {self.seq_req[s] for s in infos}:
+            req = self.reqs[rid]
+            assert self.core.request_seqs(rid) == req.seqs
+            assert self.core.request_num_finished(rid) == sum(s in self.finish for s in req.seqs)
+        self.active -= settled
+
+    def _check_blocks(self, infos: dict[int, dict]) -> None:
+        """Reference counts are the holders; only one request's samples share blocks outside the prefix cache."""
+        pool = self.pool
         holders = defaultdict(list)
         pending = defaultdict(int)  # a copy-on-write source stays held until the step that copies it completes
         for s, info in infos.items():
@@ -276,56 +369,47 @@ class Harness:
             assert len(reqs) == 1, f"block {b} shared by requests {reqs}"
             (i,) = {i for _, i in hs}
             assert i * self.bs < len(self.reqs[reqs.pop()].prompt), f"shared block {b} past the prompt"
-        running = waiting = 0
-        settled = set()
-        for s, info in infos.items():
-            assert info["request"] == self.seq_req[s] and info["index"] == self.index[s]
-            assert info["num_tokens"] == len(self.tokens[s])
-            assert info["num_computed"] <= info["num_tokens"]
-            if s in self.finish:
-                code, stop_token = self.finish[s]
-                assert info["finish"] == code and info["stop_token"] == stop_token
-                assert not info["running"] and not info["waiting"] and info["blocks"] == []
-                settled.add(s)  # nothing changes a finished sequence any more
-            else:
-                assert info["finish"] == 0
-                assert info["running"] != info["waiting"]
-                running += info["running"]
-                waiting += info["waiting"]
-                if info["waiting"]:
-                    assert info["blocks"] == [] and info["num_computed"] == 0
-                else:
-                    assert len(info["blocks"]) >= _cdiv(info["num_computed"], self.bs)
-        assert running == self.core.num_running <= self.cfg.max_num_seqs
-        assert waiting == self.core.num_waiting
-        assert self.core.has_unfinished() == bool(running + waiting)
-        for rid in {self.seq_req[s] for s in infos}:
-            req = self.reqs[rid]
-            assert self.core.request_seqs(rid) == req.seqs
-            assert self.core.request_num_finished(rid) == sum(s in self.finish for s in req.seqs)
-        self.active -= settled
 
     # ------------------------------------------------------------------ a step
 
     def schedule(self) -> Step:
         assert self.pending is None
-        core, b, bs = self.core, self.buf, self.bs
+        core = self.core
         before = {s: core.seq_info(s) for s in self.unfinished()}
-        preemptions, hits, computed = core.stats.preemptions, core.stats.prefix_hit_tokens, core.stats.computed_tokens
+        stats = core.stats
+        preemptions, hits, computed = stats.preemptions, stats.prefix_hit_tokens, stats.computed_tokens
         info = core.schedule()
         after = {s: core.seq_info(s) for s in before}
         running = [s for s in after if after[s]["running"]]
+        self._check_counts(info, running, computed)
+        rows = self._check_rows(info, running, after)
+        samples = self._check_samples(info, rows)
+        self._check_shape(info, rows)
+        C = info.num_copies
+        copies = list(zip(self.buf["copy_src"][:C].tolist(), self.buf["copy_dst"][:C].tolist()))
+        preempted, ambiguous = self._check_preemptions(before, after, rows, copies, preemptions)
+        admitted = self._check_prefix_hits(before, after, running, preempted, ambiguous, hits)
+        self._check_copies(copies, rows, before)
+        self._forward(rows, copies)
+        step = Step(info, rows, samples, copies, preempted, admitted)
+        self.pending = step
+        self.steps += 1
+        self.check()
+        return step
+
+    def _check_counts(self, info, running: list[int], computed: int) -> None:
         R, T, S, C = info.num_rows, info.num_tokens, info.num_samples, info.num_copies
-        assert R == len(running) == core.num_running <= self.cfg.max_num_seqs
+        assert R == len(running) == self.core.num_running <= self.cfg.max_num_seqs
         assert 0 <= T <= self.cfg.max_num_batched_tokens
         assert S <= self.cfg.max_samples and C <= R
-        assert core.stats.computed_tokens - computed == T
+        assert self.core.stats.computed_tokens - computed == T
 
-        # Query starts, positions and slots, row by row.
+    def _check_rows(self, info, running: list[int], after: dict[int, dict]) -> list[Row]:
+        """Query starts, positions and slots row by row; which running sequence each row is."""
+        b, bs, R, T = self.buf, self.bs, info.num_rows, info.num_tokens
         qsl = b["query_start_loc"][: R + 1].tolist()
         assert R == 0 or qsl[0] == 0
         assert all(x <= y for x, y in zip(qsl, qsl[1:])) and (R == 0 or qsl[-1] == T)
-        tables = b["block_tables"]
         ids = b["input_ids"][:T].tolist()
         positions = b["positions"][:T].tolist()
         slots = b["slot_mapping"][:T].tolist()
@@ -333,19 +417,17 @@ class Harness:
         raw_rows = []
         for r in range(R):
             lo, hi, ctx = qsl[r], qsl[r + 1], ctxs[r]
-            q = hi - lo
-            start = ctx - q
+            start = ctx - (hi - lo)
             assert start >= 0 and _cdiv(ctx, bs) <= self.max_blocks
             assert positions[lo:hi] == list(range(start, ctx))
-            table = tables[r].tolist()
+            table = b["block_tables"][r].tolist()
             assert slots[lo:hi] == [table[p // bs] * bs + p % bs for p in range(start, ctx)]
-            raw_rows.append((lo, hi, start, q, ctx, table))
+            raw_rows.append((lo, hi, start, ctx, table))
 
         # Which sequence each row is: its computed count, block table and tokens must all fit.
         def fits(r: int, s: int) -> bool:
-            lo, hi, start, q, ctx, table = raw_rows[r]
-            a = after[s]
-            toks = self.tokens[s]
+            lo, hi, start, ctx, table = raw_rows[r]
+            a, toks = after[s], self.tokens[s]
             return (
                 a["num_computed"] == start
                 and ctx <= len(toks)
@@ -357,13 +439,17 @@ class Harness:
         owner = _match(R, running, fits)
         assert owner is not None, "rows and running sequences do not match"
         rows = []
-        for r, (lo, hi, start, q, ctx, table) in enumerate(raw_rows):
+        for r, (lo, hi, start, ctx, _) in enumerate(raw_rows):
             s = owner[r]
-            rows.append(Row(s, start, q, ctx, list(after[s]["blocks"])))
-            if q > 0:  # exactly the blocks its context needs
+            rows.append(Row(s, start, hi - lo, ctx, list(after[s]["blocks"])))
+            if hi > lo:  # exactly the blocks its context needs
                 assert len(after[s]["blocks"]) == _cdiv(ctx, bs)
+        return rows
 
-        # Sampled rows: the rows that reach the end of their sequence, in row order.
+    def _check_samples(self, info, rows: list[Row]) -> list[Sample]:
+        """Sampled rows: the rows that reach the end of their sequence, in row order, with their parameters."""
+        b, S = self.buf, info.num_samples
+        qsl = b["query_start_loc"][: info.num_rows + 1].tolist()
         samples = []
         for r, row in enumerate(rows):
             if row.q == 0 or row.ctx != len(self.tokens[row.seq]):
@@ -374,26 +460,29 @@ class Harness:
                 samples.append(Sample(row.seq, i, self.seq_req[row.seq], qsl[r + 1] - 1))
         assert S == len(samples)
         assert b["logits_indices"][:S].tolist() == [x.logits_index for x in samples]
-        assert b["sample_seq"][:S].tolist() == [x.seq for x in samples]
         assert b["sample_index"][:S].tolist() == [x.index for x in samples]
         assert b["sample_request"][:S].tolist() == [x.request for x in samples]
         reqs = [self.reqs[x.request] for x in samples]
         assert b["temperature"][:S].tolist() == [np.float32(q.temperature) for q in reqs]
         assert b["top_k"][:S].tolist() == [q.top_k for q in reqs]
         assert b["top_p"][:S].tolist() == [np.float32(q.top_p) for q in reqs]
-        assert info.num_special == sum(q.special for q in reqs)
-        assert b["special_rows"][: info.num_special].tolist() == [j for j, q in enumerate(reqs) if q.special]
+        H = info.num_host_sampled
+        assert H == sum(q.host_sampled for q in reqs)
+        assert b["host_sampled_rows"][:H].tolist() == [j for j, q in enumerate(reqs) if q.host_sampled]
+        return samples
 
-        # The step's shape.
+    @staticmethod
+    def _check_shape(info, rows: list[Row]) -> None:
         qs = [row.q for row in rows]
-        assert info.is_decode == (R > 0 and all(q == 1 for q in qs))
+        assert info.is_decode == (info.num_rows > 0 and all(q == 1 for q in qs))
         assert info.max_query_len == max(qs, default=0)
         assert info.max_context_len == max((row.ctx for row in rows), default=0)
 
+    def _check_preemptions(self, before, after, rows, copies, preemptions: int) -> tuple[set[int], set[int]]:
+        """The sequences preempted by the step, and those that may have been (see below)."""
         # Preemption: running before, now waiting, or recomputing from its prefix hits (preempted and
         # readmitted in the same step): its computed count fell, or its table is not the old one grown
         # (a block replaced by its copy-on-write copy aside).
-        copies = list(zip(b["copy_src"][:C].tolist(), b["copy_dst"][:C].tolist()))
         copied = dict((d, src) for src, d in copies)
 
         def grown(s: int) -> bool:
@@ -415,10 +504,10 @@ class Harness:
             for s in before
             if before[s]["running"]
             and s not in preempted
-            and before[s]["num_computed"] % bs == 0
+            and before[s]["num_computed"] % self.bs == 0
             and all(self.pool.is_cached(x) for x in before[s]["blocks"])
         }
-        delta = core.stats.preemptions - preemptions
+        delta = self.core.stats.preemptions - preemptions
         assert len(preempted) <= delta <= len(preempted) + len(ambiguous)
         # Every running sequence ready to decode got its token, unless preempted (or out of samples).
         if self.cfg.max_samples >= 4 * self.cfg.max_num_seqs:
@@ -426,25 +515,32 @@ class Harness:
             for s in before:
                 if before[s]["running"] and before[s]["num_computed"] == len(self.tokens[s]) - 1:
                     assert s in preempted or scheduled.get(s) == 1, s
+        return preempted, ambiguous
 
-        # Admitted: from the prefix cache, whole blocks only, one token short of the end at most.
+    def _check_prefix_hits(self, before, after, running, preempted, ambiguous, hits: int) -> set[int]:
+        """Admitted: from the prefix cache, whole blocks only, one token short of the end at most."""
         admitted = {s for s in running if not before[s]["running"] or s in preempted}
         hit = 0
         for s in admitted:
             nc = after[s]["num_computed"]
-            assert nc % bs == 0 and nc <= (len(self.tokens[s]) - 1) // bs * bs
+            assert nc % self.bs == 0 and nc <= (len(self.tokens[s]) - 1) // self.bs * self.bs
             if not self.cfg.enable_prefix_caching:
                 assert nc == 0
             hit += nc
-        delta = core.stats.prefix_hit_tokens - hits
+        delta = self.core.stats.prefix_hit_tokens - hits
         if ambiguous:
             assert hit <= delta <= hit + sum(before[s]["num_computed"] for s in ambiguous)
         else:
             assert delta == hit
+        return admitted
 
-        # Block copies: a block shared before, copied for the one sequence about to write into it, to a
-        # block now its alone (perhaps one freed in this very step, by a preemption or an earlier copy).
-        assert len({d for _, d in copies}) == C
+    def _check_copies(self, copies: list[tuple[int, int]], rows: list[Row], before: dict[int, dict]) -> None:
+        """A block shared before, copied for the one sequence about to write into it, to a block now its alone.
+
+        (perhaps one freed in this very step, by a preemption or an earlier copy)
+        """
+        bs = self.bs
+        assert len({d for _, d in copies}) == len(copies)
         by_seq = {row.seq: row for row in rows}
         for k, (src, dst) in enumerate(copies):
             assert self.pool.refcount(dst) == 1 and self.pool.refcount(src) >= 1
@@ -455,8 +551,12 @@ class Harness:
             # No block is overwritten before it is read: copying in order or all at once is the same.
             assert src not in {d for _, d in copies[:k]}
 
-        # What the forward does: copies, then every row's K/V writes, then every row's attention reads.
-        # (all at once, as the model runner does: every source read before any destination written)
+    def _forward(self, rows: list[Row], copies: list[tuple[int, int]]) -> None:
+        """What the forward does: copies, then every row's K/V writes, then every row's attention reads.
+
+        (all at once, as the model runner does: every source read before any destination written)
+        """
+        bs = self.bs
         saved = [[self.kv.get(src * bs + k) for k in range(bs)] for src, _ in copies]
         for (_, dst), content in zip(copies, saved):
             for k in range(bs):
@@ -473,47 +573,39 @@ class Harness:
                 got = self.kv.get(row.blocks[p // bs] * bs + p % bs)
                 assert got == tuple(toks[: p + 1]), f"sequence {row.seq} reads wrong K/V at position {p}"
 
-        step = Step(info, rows, samples, copies, preempted, admitted)
-        self.pending = step
-        self.steps += 1
-        self.check()
-        return step
+    # ------------------------------------------------------------------ a step's outputs
 
-    def update(self, tokens: list[int]) -> list[tuple[int, int]]:
+    def update(self, tokens: list[int], finite: list[bool] | None = None) -> list[tuple]:
+        """update() with the model's expectations; its events."""
         step, self.pending = self.pending, None
         assert step is not None and len(tokens) == len(step.samples)
-        finished, watched = self.core.update(np.array(tokens, dtype=np.int32))
-        assert watched == []
-        got = self.buf["sample_seq"][: len(tokens)].tolist()
+        known = {rid: len(q.seqs) for rid, q in self.reqs.items() if not q.removed}
+        events = self.core.update(
+            np.array(tokens, dtype=np.int32), None if finite is None else np.array(finite, dtype=bool)
+        )
+        # The sequences the step created: forks of the sampled prompts, in row order.
+        forks = {rid: self.core.request_seqs(rid)[n:] for rid, n in known.items()}
         expected = []
         for j, (smp, tok) in enumerate(zip(step.samples, tokens)):
             parent = smp.seq
-            if parent in self.finish:  # aborted or removed since schedule()
-                assert got[j] == -1
+            if parent in self.finish:  # aborted, stopped or removed since schedule(), or its request failed
+                continue
+            if finite is not None and not finite[j]:
+                expected += self._fail(parent, j)
                 continue
             if smp.index != self.index[parent]:  # a new completion: a fork of the prompt
-                target = got[j]
+                target = forks[smp.request].pop(0)
                 assert target not in self.tokens and target >= 0
-                self.tokens[target] = list(self.tokens[parent])
-                self.seq_req[target] = smp.request
-                self.index[target] = smp.index
-                self.reqs[smp.request].seqs.append(target)
-                self.active.add(target)
+                self._new_seq(target, smp.request, smp.index, list(self.tokens[parent]))
             else:
                 target = parent
-                assert got[j] == parent
-            toks = self.tokens[target]
-            toks.append(tok)
-            req = self.reqs[smp.request]
-            if tok in self.eos and not req.ignore_eos:
-                self.finish[target] = (STOP, -1)
-            elif tok in req.stop_token_ids:
-                self.finish[target] = (STOP, tok)
-            elif len(toks) - len(req.prompt) >= req.max_tokens or len(toks) >= self.cfg.max_model_len:
-                self.finish[target] = (LENGTH, -1)
+            self._append(target, tok)
             if target in self.finish:
-                expected.append((target, smp.request))
-        assert finished == expected
+                expected.append(self._event(target, j, len(self.text[target].encode())))
+            elif self.reqs[smp.request].report_tokens:
+                expected.append(self._event(target, j, self._stable_len(target)))
+        assert all(not new for new in forks.values())
+        assert events == expected
         for row in step.rows:  # what the step computed is in the cache now
             if row.seq not in self.finish:
                 assert self.core.seq_info(row.seq)["num_computed"] == row.ctx
@@ -521,7 +613,62 @@ class Harness:
             req = self.reqs[self.seq_req[s]]
             assert self.core.output_tokens(s) == self.tokens[s][len(req.prompt) :]
         self.check()
-        return finished
+        return events
+
+    def _append(self, s: int, tok: int) -> None:
+        """A token for s, and what it does to s: end-of-text, stop tokens, its text, stop strings, lengths."""
+        toks = self.tokens[s]
+        toks.append(tok)
+        req = self.reqs[self.seq_req[s]]
+        if tok in self.eos and not req.ignore_eos:
+            return self._end(s, STOP)
+        if tok in req.stop_token_ids:
+            return self._end(s, STOP, tok)
+        if self.vocab is not None and tok < len(self.vocab) and tok not in self.special:
+            self.text[s] += self.decoder[s].decode(self.vocab[tok])
+            hits = [(self.text[s].find(x), k) for k, x in enumerate(req.stop) if x in self.text[s]]
+            if hits:
+                at, self.stop_string[s] = min(hits)
+                self.text[s] = self.text[s][:at]
+                self.finish[s] = (STOP, -1)
+                return
+        if len(toks) - len(req.prompt) >= req.max_tokens or len(toks) >= self.cfg.max_model_len:
+            self._end(s, LENGTH)
+
+    def _end(self, s: int, code: int, stop_token: int = -1) -> None:
+        """s finishes with its text whole: bytes of a character still incomplete become U+FFFD."""
+        self.text[s] += self.decoder[s].decode(b"", final=True)
+        self.finish[s] = (code, stop_token)
+
+    def _fail(self, s: int, row: int) -> list[tuple]:
+        """Row `row` of s had non-finite logits: every unfinished sequence of its request ends in an error."""
+        req = self.reqs[self.seq_req[s]]
+        events = []
+        for x in [s] + [x for x in req.seqs if x != s]:
+            if x not in self.finish:
+                self._end(x, ERROR)
+                events.append(self._event(x, row if x == s else -1, len(self.text[x].encode())))
+        return events
+
+    def _stable_len(self, s: int) -> int:
+        """The bytes of s's text no later token can cut: all but a stop string's length less one, whole characters."""
+        data = self.text[s].encode()
+        stops = self.reqs[self.seq_req[s]].stop
+        if not stops:
+            return len(data)
+        n = max(0, len(data) - (max(len(x.encode()) for x in stops) - 1))
+        while 0 < n < len(data) and data[n] & 0xC0 == 0x80:  # a continuation byte: inside a character
+            n -= 1
+        return n
+
+    def _event(self, s: int, row: int, end: int) -> tuple:
+        """The event update() owes s: its text from what it reported up to `end`."""
+        data = self.text[s].encode()
+        assert len(self.reported[s]) <= end <= len(data) and data.startswith(self.reported[s])
+        new = data[len(self.reported[s]) : end]
+        self.reported[s] += new
+        code = self.finish.get(s, (NOT_FINISHED, -1))[0]
+        return (s, self.seq_req[s], self.index[s], row, code, new)
 
     def step(self, tokens: list[int] | None = None, rng: random.Random | None = None) -> Step:
         st = self.schedule()
@@ -595,7 +742,7 @@ CONFIGS = {
 
 def _random_run(config: dict, seed: int, steps: int = 300) -> Harness:
     rng = random.Random(seed)
-    h = Harness(**config)
+    h = Harness(**config, vocab=random_vocab(rng), bind_seed=seed)
     L = config["max_model_len"]
     shared = [_prompt(rng, L) for _ in range(3)]  # prompts start alike, so the prefix cache hits
     stop_ids = list(range(1, 6))
@@ -613,7 +760,9 @@ def _random_run(config: dict, seed: int, steps: int = 300) -> Harness:
             temperature=rng.choice([0.0, 0.7, 1.0]),
             top_k=rng.choice([0, 5]),
             top_p=rng.choice([1.0, 0.9]),
-            special=rng.random() < 0.2,
+            host_sampled=rng.random() < 0.2,
+            report_tokens=rng.random() < 0.5,
+            stop=tuple(random_stops(rng)) if rng.random() < 0.5 else (),
         )
 
     def token() -> int:
@@ -624,15 +773,21 @@ def _random_run(config: dict, seed: int, steps: int = 300) -> Harness:
             return rng.choice(stop_ids)
         return rng.randrange(6, VOCAB)
 
+    def interrupt():
+        """What Python may do between two calls: abort, remove, or stop a sequence on a pattern of its own."""
+        x = rng.random()
+        if x < 0.01 and h.unfinished():
+            h.stop(rng.choice(sorted(h.unfinished())))
+        elif x < 0.03 and h.unfinished_requests():
+            rid = rng.choice(h.unfinished_requests())
+            h.abort(rid) if rng.random() < 0.5 else h.remove(rid)
+
     def step(may_interrupt: bool):
         st = h.schedule()
-        if may_interrupt and rng.random() < 0.03 and h.unfinished_requests():
-            rid = rng.choice(h.unfinished_requests())  # between schedule() and update()
-            if rng.random() < 0.5:
-                h.abort(rid)
-            else:
-                h.remove(rid)
-        h.update([token() for _ in st.samples])
+        if may_interrupt:
+            interrupt()  # between schedule() and update()
+        finite = [rng.random() > 0.01 for _ in st.samples] if may_interrupt else None
+        h.update([token() for _ in st.samples], finite)
 
     for _ in range(steps):
         if h.core.num_waiting < 4 and rng.random() < 0.4:  # busy, not swamped
@@ -672,8 +827,12 @@ def test_random_run_keeps_every_invariant(name, fresh_seed):
         assert pool.num_free == pool.num_blocks and not h.core.has_unfinished()
         for key in ("preemptions", "prefix_hit_tokens", "block_copies"):
             totals[key] += getattr(h.core.stats, key)
+        codes = [code for code, _ in h.finish.values()]
+        for code in (STOP, LENGTH, ABORT, ERROR):
+            totals[code] += codes.count(code)
     if name == "small-cache":
         assert totals["preemptions"] > 0 and totals["prefix_hit_tokens"] > 0 and totals["block_copies"] > 0
+    assert all(totals[code] > 0 for code in (STOP, LENGTH, ABORT, ERROR)), dict(totals)
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -919,19 +1078,41 @@ def test_abort_running_and_waiting_requests_frees_their_blocks():
 def test_abort_between_schedule_and_update_drops_its_samples():
     h = Harness(num_blocks=32, block_size=16, max_num_seqs=4, max_model_len=128)
     rng = random.Random(9)
-    r0 = h.add(_prompt(rng, 20), n=3, max_tokens=4, ignore_eos=True)
-    r1 = h.add(_prompt(rng, 10), max_tokens=4, ignore_eos=True)
+    r0 = h.add(_prompt(rng, 20), n=3, max_tokens=4, ignore_eos=True, report_tokens=True)
+    r1 = h.add(_prompt(rng, 10), max_tokens=4, ignore_eos=True, report_tokens=True)
     st = h.schedule()
     assert st.info.num_samples == 4
     h.abort(r0)
-    h.update([30, 31, 32, 33])  # r0's three rows go nowhere; r1's token lands
-    assert h.buf["sample_seq"][:3].tolist() == [-1, -1, -1]
+    events = h.update([30, 31, 32, 33])  # r0's three rows go nowhere; r1's token lands
+    (s1,) = h.reqs[r1].seqs
+    assert events == [(s1, r1, 0, 3, NOT_FINISHED, b"")]  # nothing for rows 0-2
     assert h.core.request_seqs(r0) == h.reqs[r0].seqs and len(h.reqs[r0].seqs) == 1
-    assert h.core.output_tokens(h.reqs[r1].seqs[0]) == [33]
+    assert h.core.output_tokens(s1) == [33]
     st = h.schedule()
     h.remove(r1)
-    h.update([40] * len(st.samples))
+    assert h.update([40] * len(st.samples)) == []
     assert not h.core.has_unfinished()
+    assert h.pool.num_free == h.pool.num_blocks
+
+
+def test_stop_from_outside_ends_the_sequence_without_an_event():
+    """stop(): Python matched a stop pattern of its own; it knows, so update() says nothing of it."""
+    h = Harness(num_blocks=32, block_size=16, max_num_seqs=4, max_model_len=128, vocab=random_vocab(random.Random(4)))
+    rng = random.Random(11)
+    r0 = h.add(_prompt(rng, 20), n=2, max_tokens=8, ignore_eos=True, report_tokens=True)
+    r1 = h.add(_prompt(rng, 10), max_tokens=8, ignore_eos=True, report_tokens=True)
+    h.step(tokens=[10, 11, 12])
+    a, b = h.reqs[r0].seqs
+    (c,) = h.reqs[r1].seqs
+    st = h.schedule()
+    h.stop(a)  # between schedule() and update(): its row goes nowhere
+    assert h.core.seq_info(a)["finish"] == STOP and h.core.seq_info(a)["blocks"] == []
+    events = h.update([20 + j for j in range(len(st.samples))])
+    assert sorted(e[0] for e in events) == sorted([b, c]) and all(e[4] == NOT_FINISHED for e in events)
+    assert h.core.output_tokens(a) == [h.core.output_tokens(a)[0]]  # the one token it had
+    h.stop(c)  # between update() and schedule()
+    h.run_until_done()
+    assert h.finish[b] == (LENGTH, -1)
     assert h.pool.num_free == h.pool.num_blocks
 
 
@@ -997,19 +1178,171 @@ def test_bad_requests_are_refused():
         h.core.update(np.array([1], dtype=np.int32))  # no sampled rows to take it
 
 
+def test_update_refuses_a_finite_mask_of_another_length():
+    h = Harness(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=64)
+    h.add([1, 2, 3], n=2)
+    st = h.schedule()
+    assert st.info.num_samples == 2
+    with pytest.raises(ValueError, match="finite"):
+        h.core.update(np.array([5, 6], dtype=np.int32), np.ones(3, dtype=bool))
+    h.pending = st
+    h.update([5, 6], [True, True])  # the refused call changed nothing
+    st = h.schedule()
+    events = h.core.update(np.array([7, 8], dtype=np.int32), np.array([1, 1], dtype=np.uint8))  # uint8 works too
+    assert events == []
+
+
 def test_bad_configs_are_refused():
     base = dict(num_blocks=8, block_size=16, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128)
     for change in (
         dict(num_blocks=7),  # one sequence of max_model_len tokens must fit
         dict(max_num_batched_tokens=3),  # a decode token for every row
         dict(max_samples=3),  # a sampled row for every row
+        dict(max_samples=-1),
         dict(max_num_seqs=0),
         dict(max_model_len=0),
+        dict(block_size=0),  # refused before anything divides by it
+        dict(block_size=-16),
     ):
         with pytest.raises(ValueError):
             Harness(**{**base, **change})
     h = Harness(**base)
     assert h.core.max_blocks_per_seq == 8
+
+
+def test_finish_reasons_are_exported():
+    assert _C.FINISH_REASONS == {1: "stop", 2: "length", 3: "abort", 4: "error"}
+    assert _C.NOT_FINISHED == 0
+
+
+# ----------------------------------------------------------------------------- step fields and binding
+
+FIELD_NAMES = [
+    "input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens", "block_tables", "logits_indices",
+    "temperature", "top_k", "top_p", "sample_index", "sample_request", "host_sampled_rows", "copy_src", "copy_dst",
+]  # fmt: skip
+
+
+def _scheduler(max_samples: int = 0, **kwargs) -> "_C.Scheduler":
+    c = _C.SchedulerConfig()
+    c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len = 16, 8, 3, 40, 60
+    c.max_samples = max_samples
+    for k, v in kwargs.items():
+        setattr(c, k, v)
+    return _C.Scheduler(c)
+
+
+@pytest.mark.parametrize("max_samples", [0, 3, 7])
+def test_step_fields_follow_the_config(max_samples):
+    core = _scheduler(max_samples)
+    T, R, B = 40, 3, 8  # tokens, rows, ceil(60 / 8) blocks per sequence
+    S = max_samples or 2 * R  # by default a row per sequence and as many for n-sample forks
+    assert core.config.max_samples == S
+    expected = {
+        "input_ids": ("int64", (T,), "num_tokens", 0, True),
+        "positions": ("int64", (T,), "num_tokens", 0, True),
+        "slot_mapping": ("int64", (T,), "num_tokens", 0, True),
+        "query_start_loc": ("int32", (R + 1,), "num_rows", 1, True),
+        "context_lens": ("int32", (R,), "num_rows", 0, True),
+        "block_tables": ("int32", (R, B), "num_rows", 0, True),
+        "logits_indices": ("int64", (S,), "num_samples", 0, True),
+        "temperature": ("float32", (S,), "num_samples", 0, True),
+        "top_k": ("int32", (S,), "num_samples", 0, True),
+        "top_p": ("float32", (S,), "num_samples", 0, True),
+        "sample_index": ("int32", (S,), "num_samples", 0, False),
+        "sample_request": ("int64", (S,), "num_samples", 0, False),
+        "host_sampled_rows": ("int32", (S,), "num_host_sampled", 0, False),
+        "copy_src": ("int64", (R,), "num_copies", 0, False),
+        "copy_dst": ("int64", (R,), "num_copies", 0, False),
+    }
+    fields = core.step_fields()
+    assert [f[0] for f in fields] == FIELD_NAMES
+    assert {f[0]: tuple(f[1:]) for f in fields} == expected
+    info = _C.StepInfo()
+    for _, _, _, count, _, _ in fields:
+        assert isinstance(getattr(info, count), int)
+
+
+def _arrays(core) -> dict[str, np.ndarray]:
+    return {name: np.zeros(shape, DTYPES[dtype]) for name, dtype, shape, *_ in core.step_fields()}
+
+
+def _break(arrays: dict, how: str, name: str) -> None:
+    a = arrays[name]
+    if how == "missing":
+        del arrays[name]
+    elif how == "dtype":
+        arrays[name] = a.astype(np.int32 if a.dtype != np.int32 else np.int64)
+    elif how == "short":
+        arrays[name] = a.reshape(-1)[:-1].copy()
+    elif how == "strided":
+        arrays[name] = np.zeros(2 * a.size, a.dtype)[::2]
+    elif how == "read-only":
+        a.setflags(write=False)
+    elif how == "not-an-array":
+        arrays[name] = a.tolist()
+
+
+@pytest.mark.parametrize("how", ["missing", "dtype", "short", "strided", "read-only", "not-an-array"])
+def test_bind_refuses_a_bad_field_naming_it(how, fresh_seed):
+    core = _scheduler()
+    name = random.Random(fresh_seed).choice(FIELD_NAMES)
+    arrays = _arrays(core)
+    _break(arrays, how, name)
+    with pytest.raises(ValueError, match=name):
+        core.bind(arrays)
+    core.add_request([1, 2, 3], _C.RequestConfig())
+    with pytest.raises(RuntimeError):
+        core.schedule()  # nothing was bound
+
+
+def test_bind_refuses_an_unknown_name():
+    core = _scheduler()
+    arrays = _arrays(core)
+    arrays["sample_seq"] = np.zeros(6, np.int64)
+    with pytest.raises(ValueError, match="sample_seq"):
+        core.bind(arrays)
+
+
+def test_a_refused_bind_keeps_the_buffers_bound_before():
+    core = _scheduler()
+    arrays = _arrays(core)
+    core.bind(arrays)
+    bad = _arrays(core)
+    _break(bad, "short", "input_ids")
+    with pytest.raises(ValueError, match="input_ids"):
+        core.bind(bad)
+    core.add_request([4, 5, 6], _C.RequestConfig())
+    info = core.schedule()
+    assert arrays["input_ids"][: info.num_tokens].tolist() == [4, 5, 6]
+    assert not bad["positions"].any()
+
+
+def test_bind_by_name_in_any_order(fresh_seed):
+    """A dict in shuffled order binds each array to its own field: a run's metadata checks out."""
+    h = Harness(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, bind_seed=fresh_seed)
+    rng = random.Random(fresh_seed)
+    for _ in range(3):
+        h.add(_prompt(rng, rng.randint(2, 20)), n=rng.randint(1, 2), max_tokens=6, host_sampled=rng.random() < 0.5)
+    h.run_until_done(rng)
+    assert h.pool.num_free == h.pool.num_blocks
+
+
+def test_bound_arrays_live_as_long_as_the_scheduler_writes_them():
+    """A dict made on the fly: the scheduler keeps its arrays alive, whatever else holds them."""
+    import gc
+    import weakref
+
+    core = _scheduler()
+    arrays = _arrays(core)
+    ref = weakref.ref(arrays["input_ids"])
+    core.bind(arrays)
+    del arrays
+    gc.collect()
+    assert ref() is not None
+    core.add_request([7, 8, 9], _C.RequestConfig())
+    core.schedule()
+    assert ref()[:3].tolist() == [7, 8, 9]
 
 
 def test_schedule_before_bind_is_refused():
@@ -1019,12 +1352,138 @@ def test_schedule_before_bind_is_refused():
     sched.add_request([1, 2, 3], _C.RequestConfig())
     with pytest.raises(RuntimeError):
         sched.schedule()
-    with pytest.raises(ValueError):
-        sched.bind(*[np.zeros(1, np.int64)] * len(BUFFERS))  # too small, and of the wrong dtypes
+
+
+# ----------------------------------------------------------------------------- events and text
+
+
+def test_reported_text_adds_up_to_the_final_text(fresh_seed):
+    """report_tokens: each sequence's event bytes, joined, are its final text, and what Python decodes."""
+    rng = random.Random(fresh_seed)
+    vocab = random_vocab(rng)
+    h = Harness(num_blocks=64, block_size=4, max_num_seqs=6, max_num_batched_tokens=32, vocab=vocab, eos=())
+    for k in range(8):
+        stop = ("a",) if k == 0 else tuple(random_stops(rng))  # "a": one of the eight characters, soon seen
+        max_tokens = 40 if k == 0 else rng.randint(1, 40)
+        h.add(
+            _prompt(rng, rng.randint(1, 12)), n=rng.randint(1, 3), max_tokens=max_tokens, report_tokens=True, stop=stop
+        )
+    while h.core.has_unfinished():
+        st = h.schedule()
+        h.update([rng.randrange(1, VOCAB) for _ in st.samples])  # no token ends a sequence but by its text
+    stopped = 0
+    for rid, req in h.reqs.items():
+        for s in req.seqs:
+            text = h.core.text(s)
+            assert h.reported[s] == text == reference_text(vocab, h.core.output_tokens(s), req.stop)
+            stopped += h.core.seq_info(s)["stop_string"] >= 0
+    assert stopped > 0  # some text was cut at a stop string
+    assert h.pool.num_free == h.pool.num_blocks
+
+
+def test_a_stop_string_is_never_cut_out_of_reported_text():
+    """Text is reported only up to where a stop string could still start; the cut lands after it."""
+    vocab = [b"<eos>", b"ab", b"c", b"d", "é".encode()[:1], "é".encode()[1:], b"STO", b"P"]
+    h = Harness(num_blocks=16, block_size=16, max_model_len=64, vocab=vocab)
+    rid = h.add([1, 2, 3], max_tokens=20, report_tokens=True, stop=("cdSTOP", "é"))
+    (s,) = h.reqs[rid].seqs
+    news = []
+    for tok in [1, 2, 3, 6, 4, 1, 2, 3, 6, 7]:
+        h.schedule()
+        ((seq, req, index, row, finish, new),) = h.update([tok])
+        assert (seq, req, index, row) == (s, rid, 0, 0)
+        news.append(new)
+        if finish:
+            break
+    # Held back: len("cdSTOP") - 1 = 5 bytes, and never part of a character. "\xc3" then "a" is invalid:
+    # U+FFFD (3 bytes) at 7. The stop string completes at 12, right where the reported text ends.
+    fffd = "\ufffd".encode()
+    assert news == [b"", b"", b"", b"ab", b"", b"cdSTO", b"", b"", fffd + b"ab", b""]
+    assert h.finish[s] == (STOP, -1) and h.core.seq_info(s)["stop_string"] == 0
+    assert b"".join(news) == h.core.text(s) == b"abcdSTO" + fffd + b"ab"
+
+
+def test_requests_without_report_tokens_get_an_event_only_when_they_finish(fresh_seed):
+    rng = random.Random(fresh_seed)
+    vocab = random_vocab(rng)
+    h = Harness(num_blocks=64, block_size=4, max_num_seqs=6, max_num_batched_tokens=32, vocab=vocab, eos=())
+    quiet = h.add(_prompt(rng, 5), n=2, max_tokens=6)
+    loud = h.add(_prompt(rng, 7), max_tokens=9, report_tokens=True)
+    seen = defaultdict(list)  # request -> the finish code of each of its events
+    while h.core.has_unfinished():
+        st = h.schedule()
+        for seq, rid, index, row, finish, new in h.update([rng.randrange(6, VOCAB) for _ in st.samples]):
+            assert st.samples[row].request == rid
+            seen[rid].append(finish)
+    assert seen[quiet] == [LENGTH, LENGTH]  # its two samples, each when it ends
+    assert seen[loud] == [NOT_FINISHED] * 8 + [LENGTH]
+    for rid in (quiet, loud):
+        for s in h.reqs[rid].seqs:
+            assert h.reported[s] == h.core.text(s) == reference_text(vocab, h.core.output_tokens(s), [])
+
+
+# ----------------------------------------------------------------------------- non-finite logits
+
+
+def test_a_non_finite_row_ends_its_request_with_an_error():
+    """n=2 with its fork waiting for a row: the row's sequence and the waiting fork end; the others go on."""
+    vocab = random_vocab(random.Random(12))
+    h = Harness(num_blocks=32, block_size=4, max_num_seqs=2, max_model_len=64, vocab=vocab)
+    rng = random.Random(13)
+    other = h.add(_prompt(rng, 6), max_tokens=5, ignore_eos=True)
+    bad = h.add(_prompt(rng, 9), n=2, max_tokens=5, ignore_eos=True)
+    h.step(tokens=[30, 31, 32])
+    s0, fork = h.reqs[bad].seqs
+    assert h.core.seq_info(s0)["running"] and h.core.seq_info(fork)["waiting"]  # two rows: no room for the fork
+    free_before = h.pool.num_free
+    s0_blocks = len(h.core.seq_info(s0)["blocks"])
+    st = h.schedule()
+    rows = {x.seq: j for j, x in enumerate(st.samples)}
+    finite = [x.seq != s0 for x in st.samples]
+    events = h.update([40, 41], finite)
+    text0 = h.core.text(s0)
+    assert events == [(s0, bad, 0, rows[s0], ERROR, text0), (fork, bad, 1, -1, ERROR, h.core.text(fork))]
+    # No token appended: each holds the one it had (a character left incomplete becomes U+FFFD).
+    assert sorted(h.core.output_tokens(s0) + h.core.output_tokens(fork)) == [31, 32]
+    for s in (s0, fork):
+        assert h.core.text(s) == reference_text(vocab, h.core.output_tokens(s), [])
+    assert [h.core.seq_info(s)["finish"] for s in (s0, fork)] == [ERROR, ERROR]
+    new_blocks = h.pool.num_free - free_before  # the other request's decode may have taken one
+    assert new_blocks in (s0_blocks, s0_blocks - 1)
+    (o,) = h.reqs[other].seqs
+    assert h.core.output_tokens(o)[-1] == 40  # the other request took its token
+    h.run_until_done()
+    assert h.finish[o] == (LENGTH, -1)
+    assert h.pool.num_free == h.pool.num_blocks
+    h.core.check()
+
+
+def test_a_non_finite_row_of_a_forking_prompt_ends_every_sample():
+    """The rows of an n-sample prompt: forks made before the bad row end too; later rows are skipped."""
+    vocab = random_vocab(random.Random(14))
+    h = Harness(num_blocks=32, block_size=4, max_num_seqs=8, max_model_len=64, vocab=vocab)
+    rng = random.Random(15)
+    rid = h.add(_prompt(rng, 6), n=3, max_tokens=5, ignore_eos=True, report_tokens=True)
+    other = h.add(_prompt(rng, 6), max_tokens=5, ignore_eos=True, report_tokens=True)
+    st = h.schedule()
+    assert [x.request for x in st.samples] == [rid, rid, rid, other]
+    events = h.update([20, 21, 22, 23], [True, False, True, True])
+    s0, f1 = h.reqs[rid].seqs  # row 0 forked f1; row 1 failed; row 2 (s0's own) went nowhere
+    (o,) = h.reqs[other].seqs
+    assert [e[:5] for e in events] == [
+        (f1, rid, 1, 0, NOT_FINISHED),
+        (s0, rid, 0, 1, ERROR),
+        (f1, rid, 1, -1, ERROR),
+        (o, other, 0, 3, NOT_FINISHED),
+    ]
+    assert h.core.output_tokens(f1) == [20] and h.core.output_tokens(s0) == [] and h.core.output_tokens(o) == [23]
+    assert h.reported[f1] == h.core.text(f1) == reference_text(vocab, [20], [])
+    h.run_until_done()
+    assert h.pool.num_free == h.pool.num_blocks
 
 
 def test_engine_facade_hands_out_views_of_the_bound_buffers():
-    """fastcodegen.scheduler.Scheduler: the engine's buffers and the step's views of them."""
+    """fastcodegen.scheduler.Scheduler: buffers allocated from the native table and bound by name."""
     import torch
 
     from fastcodegen import SamplingParams
@@ -1042,7 +1501,7 @@ def test_engine_facade_hands_out_views_of_the_bound_buffers():
     )
     sched = Scheduler(config, num_blocks=8, eos_token_ids=(EOS,))
     prompt = list(range(1, 21))
-    rid = sched.add(prompt, SamplingParams(n=2, max_tokens=2, ignore_eos=True, seed=3), watch=False)
+    rid = sched.add(prompt, SamplingParams(n=2, max_tokens=2, ignore_eos=True, seed=3), report_tokens=False)
     step = sched.schedule()
     assert step.input_ids.tolist() == prompt and step.positions.tolist() == list(range(20))
     assert step.query_start_loc.tolist() == [0, 20] and step.context_lens.tolist() == [20]
@@ -1050,43 +1509,13 @@ def test_engine_facade_hands_out_views_of_the_bound_buffers():
     assert step.slot_mapping.tolist() == [table[p // 16] * 16 + p % 16 for p in range(20)]
     assert step.logits_indices.tolist() == [19, 19]
     assert sorted(step.sample_index.tolist()) == [0, 1] and step.sample_request.tolist() == [rid, rid]
-    assert step.special_rows.tolist() == [0, 1]  # seeded: the engine samples these rows itself
+    assert step.host_sampled_rows.tolist() == [0, 1]  # seeded: the engine samples these rows itself
     assert len(step.copy_src) == 0
-    finished, watched = sched.update(np.array([7, 8], dtype=np.int32))
-    assert finished == [] and watched == []
-    seqs = sched.core.request_seqs(rid)
-    assert sorted(sched.sampled_seq(j) for j in range(2)) == sorted(seqs) and len(seqs) == 2
+    assert sched.update(np.array([7, 8], dtype=np.int32), np.ones(2, dtype=bool)) == []
     step = sched.schedule()
-    assert step.info.is_decode and step.info.num_rows == 2 and len(step.copy_src) == 1
-    finished, _ = sched.update(np.array([9, 9], dtype=np.int32))
-    assert sorted(finished) == sorted((s, rid) for s in seqs)
-    assert sched.core.pool.num_free == 8
-
-
-def test_decode_step_padded_for_a_graph_bucket():
-    """What a CUDA graph's padding rows hold: no K/V store (slot -1), nothing to attend to (context 0)."""
-    import torch
-
-    from fastcodegen.config import EngineConfig
-    from fastcodegen.sampling_params import SamplingParams
-    from fastcodegen.scheduler import Scheduler as Facade
-
-    cfg = EngineConfig(model="x", device=torch.device("cpu"), dtype=torch.float32, max_model_len=64, max_num_seqs=8)
-    sched = Facade(cfg, num_blocks=64, eos_token_ids=())
-    for n in (5, 9, 3):
-        sched.add(list(range(1, n + 1)), SamplingParams(max_tokens=4, ignore_eos=True), watch=False)
-    step = sched.schedule()
-    sched.update(np.zeros(step.info.num_samples, dtype=np.int32))
-    step = sched.schedule()
-    assert step.info.is_decode and step.info.num_rows == 3
-    real = {k: getattr(step, k).clone() for k in ("input_ids", "positions", "slot_mapping", "context_lens")}
-    padded = sched.pad_decode(step, 8)
-    assert padded.input_ids.shape == (8,) and padded.block_tables.shape[0] == 8
-    for k, v in real.items():
-        assert torch.equal(getattr(padded, k)[:3], v)  # the real rows are untouched
-    assert padded.slot_mapping[3:].eq(-1).all() and padded.context_lens[3:].eq(0).all()
-    assert padded.input_ids[3:].eq(0).all() and padded.positions[3:].eq(0).all()
-    assert padded.query_start_loc.tolist() == list(range(9))
-    assert torch.equal(padded.logits_indices, step.logits_indices)
-    empty = sched.padding_step(4)
-    assert empty.slot_mapping.eq(-1).all() and empty.context_lens.eq(0).all() and empty.info.is_decode
+    assert step.is_decode and step.num_rows == 2 and len(step.copy_src) == 1
+    events = sched.update(np.array([9, 9], dtype=np.int32), np.ones(2, dtype=bool))
+    seqs = sorted(e[0] for e in events)
+    assert len(seqs) == 2 and all(e[1] == rid and e[4] == LENGTH for e in events)
+    assert sorted(sched.output_tokens(s) for s in seqs) == [[7, 9], [8, 9]]
+    assert sched.num_free_blocks == 8

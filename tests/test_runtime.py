@@ -56,7 +56,7 @@ def _total_blocks(engine) -> int:
 def _assert_idle_and_whole(engine):
     assert not engine.has_unfinished_requests()
     assert engine.num_free_kv_blocks == _total_blocks(engine)
-    engine._scheduler.core.check()
+    engine._scheduler.check()
 
 
 def _run_to_end(engine, prompts_by_id: dict, finals: dict, max_steps: int = 1000) -> list[list]:
@@ -123,7 +123,7 @@ def test_requests_arriving_mid_run_get_greedy_tokens(engine_factory, fresh_seed)
     with pytest.raises(ValueError, match="request_id"):
         engine.add_request(prompt_token_ids=[1, 2, 3], request_id=7)
     assert engine.num_free_kv_blocks == free
-    assert engine._scheduler.core.num_running + engine._scheduler.core.num_waiting == 3
+    assert engine._scheduler.num_running + engine._scheduler.num_waiting == 3
 
     _run_to_end(engine, prompts, finals)
     assert set(finals) == {rid0, rid1, rid2}
@@ -152,7 +152,7 @@ def test_generated_request_id_never_collides_with_a_custom_one(engine_factory):
     assert generated not in custom
     # Aborting the generated request leaves the custom ones running.
     engine.abort(generated)
-    assert engine._scheduler.core.num_running + engine._scheduler.core.num_waiting == 3
+    assert engine._scheduler.num_running + engine._scheduler.num_waiting == 3
     generated = engine.add_request(prompt_token_ids=[4, 5, 6], sampling_params=params)
     assert generated not in custom
     prompts = {rid: [1, 2, 3] for rid in custom}
@@ -392,7 +392,7 @@ def test_abort_running_and_waiting_requests(engine_factory, fresh_seed):
     running, kept, waiting, last = ids
 
     _record(engine.step(), prompts, finals)
-    core = engine._scheduler.core
+    core = engine._scheduler
     assert (core.num_running, core.num_waiting) == (2, 2)
     assert engine.num_free_kv_blocks < total
 
@@ -482,7 +482,7 @@ def test_no_blocks_leak_after_a_mixed_run(engine_factory, fresh_seed, monkeypatc
         for _ in range(5):
             _record(engine.step(), live, finals)
     assert engine.has_unfinished_requests()
-    engine._scheduler.core.check()
+    engine._scheduler.check()
     # One still running is aborted midway, the rest run to the end.
     aborted = next(rid for rid in live if rid not in finals)
     engine.abort(aborted)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TOKENIZER_SIZE
 from fastcodegen import SamplingParams
-from fastcodegen.sampler import Sampler, filtered_probs, sampling_inputs
+from fastcodegen.sampler import Sampler, SamplingInputs, filtered_probs
 
 P = [0.5, 0.2, 0.15, 0.1, 0.05]
 
@@ -72,6 +72,14 @@ def test_sampled_frequencies_match_the_distribution(fresh_seed):
         for f, p in zip(freq.tolist(), expected):
             sd = math.sqrt(p * (1 - p) / draws)
             assert abs(f - p) <= 5 * sd + 1e-12, (kwargs, freq.tolist(), expected)
+
+
+def sampling_inputs(temperature, top_k, top_p, device, generators=None, logprobs=None) -> SamplingInputs:
+    """SamplingInputs of host tensors (on the CPU the logits' device too)."""
+    assert device.type == "cpu"
+    return SamplingInputs(
+        temperature, top_k, top_p, temperature.numpy(), top_k.numpy(), top_p.numpy(), generators or {}, logprobs or {}
+    )
 
 
 def _inputs(rows, temperature=1.0, top_k=0, top_p=1.0, **kwargs):

@@ -159,20 +159,11 @@ def _scheduler_with_vocab(pieces: list[bytes], stop: list[str], max_tokens: int 
     from fastcodegen import _C
 
     c = _C.SchedulerConfig()
-    c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len, c.max_samples = (
-        8,
-        16,
-        1,
-        64,
-        128,
-        2,
-    )
+    c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len = 8, 16, 1, 64, 128
     sched = _C.Scheduler(c)
-    bufs = [np.zeros(n, dtype=d) for n, d in [
-        (64, np.int64), (64, np.int64), (64, np.int64), (2, np.int32), (1, np.int32), (8, np.int32), (2, np.int64),
-        (2, np.float32), (2, np.int32), (2, np.float32), (2, np.int64), (2, np.int32), (2, np.int64), (2, np.int32),
-        (1, np.int64), (1, np.int64)]]  # fmt: skip
-    sched.bind(*bufs)
+    dtypes = {"int64": np.int64, "int32": np.int32, "float32": np.float32}
+    bufs = {name: np.zeros(shape, dtypes[dtype]) for name, dtype, shape, *_ in sched.step_fields()}
+    sched.bind(bufs)
     sched.set_vocabulary(pieces, [])
     r = _C.RequestConfig()
     r.max_tokens, r.stop_strings, r.ignore_eos = max_tokens, stop, True
@@ -181,10 +172,11 @@ def _scheduler_with_vocab(pieces: list[bytes], stop: list[str], max_tokens: int 
 
 
 def _feed(sched, tokens: list[int]) -> list[tuple[int, int]]:
+    """Feeds tokens one step each until the sequence finishes; (sequence, request) of each that finished."""
     finished = []
     for t in tokens:
         sched.schedule()
-        finished, _ = sched.update(np.array([t], dtype=np.int32))
+        finished = [(seq, req) for seq, req, _, _, finish, _ in sched.update(np.array([t], dtype=np.int32)) if finish]
         if finished:
             break
     return finished

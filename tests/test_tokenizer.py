@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EOS, EOS_ID, TOKENIZER_SIZE, WHITESPACE_TOKENS, stdlib_sources
-from fastcodegen.tokenizer import IncrementalDetokenizer, Tokenizer
+from conftest import EOS, EOS_ID, TOKENIZER_SIZE, WHITESPACE_TOKENS, NativeDetokenizer, stdlib_sources
+from fastcodegen.tokenizer import Tokenizer
 
 LAYOUTS = ["tokenizer.json", "legacy"]
 
@@ -243,7 +243,7 @@ def test_decode_skips_only_end_of_text(tokenizers_pair):
 
 
 def _feed(ours, ids, skip) -> tuple[list[str], str]:
-    det = IncrementalDetokenizer(ours, skip_special_tokens=skip)
+    det = NativeDetokenizer(ours, skip_special_tokens=skip)
     chunks = [det.add(i) for i in ids]
     tail = det.flush()
     return chunks, "".join(chunks) + tail

@@ -76,9 +76,9 @@ def test_triton_and_torch_backends_agree_when_sampling(checkpoint, fresh_seed):
 
 
 def test_backend_choice():
-    from fastcodegen.engine import _resolve_backend
+    from fastcodegen.config import resolve_backend
 
-    assert _resolve_backend("torch", torch.device("cpu"), torch.float32) == "torch"
-    assert _resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert resolve_backend("torch", torch.device("cpu"), torch.float32) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
     with pytest.raises(ValueError, match="backend"):
-        _resolve_backend("cuda-graphs", torch.device("cpu"), torch.float32)
+        resolve_backend("cuda-graphs", torch.device("cpu"), torch.float32)

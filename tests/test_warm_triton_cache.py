@@ -92,19 +92,21 @@ def test_steps_launch_what_the_engine_launches(engine_factory):
     """`run_step` on meta tensors specialises every kernel as a real engine step of the same size does.
 
     A real engine (on the CPU) prefills three prompts in one step, then
-    decodes them; the triton backend's launches for its batches are recorded
+    decodes them; the triton backend's launches for its steps are recorded
     (the torch backend computes the values) and compared with the launches
     `run_step` makes for steps of the same sizes.
     """
-    from fastcodegen.models.triton_ops import TritonOps
+    from fastcodegen.models.ops import Ops, triton_kernels
 
     dtype = torch.float16
     engine, _ = engine_factory("hd64", dtype=dtype, backend="torch")
     model = engine._runner.model
-    triton_ops = TritonOps(model.config, engine.config.device)
+    device = engine.config.device
     # Planned as on a GPU, the only place the compiled kernels run (on the CPU they are planned for the interpreter).
-    triton_ops.num_sms, triton_ops.interpreted = kc.EngineShape.num_sms, False
-    model.ops = _RecordingOps(model.ops, triton_ops)
+    kernels = triton_kernels(
+        model.model_config, device, engine.config.max_model_len, num_sms=kc.EngineShape.num_sms, interpreted=False
+    )
+    model.ops = _RecordingOps(model.ops, Ops(model.model_config, kernels, device))
     log: list[kc.Launch] = []
     restore = kc.patch_kernels(lambda kernel, name: kc.Recorder(kernel, name, log, [""]))
     try:

@@ -18,9 +18,10 @@ cache-invalidating environment variables that are set. So the tool runs the
 GPU machine's Triton and Python minor: triton 3.6.0 (the PyPI wheel) on
 Python 3.12, with torch 2.11.0 (its CUDA wheel imports without a GPU). It
 drives every engine step of `benchmarks/kernel_launches.py`'s `warm_plan` (the
-same calls `TritonOps` makes, on meta tensors) through Triton's own JIT,
-with a stand-in for the CUDA driver that reports an sm_90 device and
-launches nothing: the keys are Triton's, computed by Triton.
+same calls the model's `Ops` makes over the Triton kernels' table, on meta
+tensors) through Triton's own JIT, with a stand-in for the CUDA driver that
+reports an sm_90 device and launches nothing: the keys are Triton's,
+computed by Triton.
 
 Setup, once (outside the repository; a few GB, mostly torch's CUDA libraries):
 

@@ -1,1 +1,2 @@
-"""The CodeGen forward pass: the layer loop (`codegen.py`) and its operations per backend."""
+"""The CodeGen forward pass: the layer loop (`codegen.py`), its operations over a backend's kernels (`ops.py`)
+and the plain PyTorch ones (`torch_ops.py`)."""

@@ -1,8 +1,8 @@
 """The CodeGen operations in plain PyTorch: readable, on any device, in any dtype.
 
-Each function here is also the reference its Triton kernel in
-`fastcodegen.kernels` is tested against; `TorchOps` strings them together as
-the "torch" backend.
+Each of `in_proj`, `paged_attention`, `decode_attention` and `out_proj` is
+a row of the "torch" backend's kernel table (`ops.py`) and the reference the
+Triton kernel in its place, in `fastcodegen.kernels`, is tested against.
 
 Numerics follow transformers' CodeGen: GEMMs in the model dtype, rotary in
 float32 on the dtype-rounded projection, keys stored in the model dtype,
@@ -19,9 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..batch import Batch
-from ..config import ModelConfig
-from ..weights import CodeGenWeights, InProjLayout, LayerWeights
+from ..weights import CodeGenWeights, InProjLayout
 
 
 def rotary_tables(rotary_dim: int, max_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,41 +193,3 @@ def final_logits(x: torch.Tensor, weights: CodeGenWeights, eps: float) -> torch.
     """ln_f then lm_head: [N, d] -> [N, vocab_size] float32."""
     ln = F.layer_norm(x, (x.shape[1],), weights.ln_f_weight, weights.ln_f_bias, eps)
     return F.linear(ln, weights.lm_head_weight, weights.lm_head_bias).float()
-
-
-class TorchOps:
-    """The "torch" backend: the functions above, per layer."""
-
-    def __init__(self, config: ModelConfig, device: torch.device):
-        self.config = config
-        self.layout = InProjLayout.of(config)
-        self.cos, self.sin = rotary_tables(config.rotary_dim, config.n_positions, device)
-
-    def in_proj(
-        self, x: torch.Tensor, layer: LayerWeights, batch: Batch, k_cache: torch.Tensor, v_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return in_proj(
-            x, layer.ln_weight, layer.ln_bias, layer.w_in, layer.b_in, batch.positions, batch.slot_mapping,
-            self.cos, self.sin, k_cache, v_cache, self.layout, self.config.layer_norm_epsilon,
-        )  # fmt: skip
-
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
-        c = self.config
-        heads = q.view(-1, c.n_head, c.head_dim)
-        # As the triton backend: the batched decode form only when every row has exactly one new token.
-        if batch.is_decode:
-            out = decode_attention(
-                heads, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len
-            )
-        else:
-            out = paged_attention(
-                heads, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_start_loc,
-                batch.max_query_len, batch.max_context_len,
-            )  # fmt: skip
-        return out.reshape(q.shape[0], -1)
-
-    def out_proj(self, a: torch.Tensor, g: torch.Tensor, layer: LayerWeights, residual: torch.Tensor) -> torch.Tensor:
-        return out_proj(a, g, layer.w_out, layer.b_out, residual)
-
-    def logits(self, x: torch.Tensor, weights: CodeGenWeights) -> torch.Tensor:
-        return final_logits(x, weights, self.config.layer_norm_epsilon)
