@@ -2,11 +2,12 @@
 
 The native scheduler declares every field of a step (name, dtype, shape in
 terms of the engine's limits, which count of the step sizes it, whether the
-device reads it) in one table, `STEP_FIELDS` in csrc/scheduler.h, and hands it
-out as `_C.Scheduler.step_fields()`. From that table alone this module
-allocates the pinned host buffers the scheduler writes (bound to it by name),
-their numpy views, the device copies the model reads, and a step's
-`StepInputs`: views of the part of each buffer a step uses.
+device reads it) in one table, `FASTCODEGEN_STEP_FIELDS` in
+csrc/scheduler.h, and hands it out as `_C.Scheduler.step_fields()`. From that
+table alone this module allocates the pinned host buffers the scheduler
+writes (bound to it by name), their numpy views, the device copies the model
+reads, and a step's `StepInputs`: views of the part of each buffer a step
+uses.
 
 Rows are the running sequences in the scheduler's slot order; the tokens of
 all rows are packed along one axis. Row b's new tokens are

@@ -66,3 +66,9 @@ def test_pad_decode_turns_rows_into_padding_and_keeps_the_rest():
     assert t["positions"][3:8].eq(0).all() and t["slot_mapping"][3:8].eq(-1).all()
     assert t["context_lens"][3:8].eq(0).all() and t["context_lens"][8:].eq(-7).all()
     assert t["query_start_loc"].tolist() == [-7] * 4 + [4, 5, 6, 7, 8] + [-7] * 2  # row r's query is token r
+
+
+def test_the_shape_names_are_the_native_ones():
+    from fastcodegen import _C
+
+    assert tuple(_C.StepInfo().as_dict()) == SHAPE_FIELDS
