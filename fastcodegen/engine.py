@@ -296,7 +296,7 @@ class Engine:
     @property
     @_locked
     def stats(self):
-        """Scheduler counters: computed_tokens, prefix_hit_tokens, preemptions, block_copies."""
+        """A snapshot (`SchedulerStats`): computed, prefix-hit and preempted tokens, block copies, running, waiting, free blocks."""
         return self._scheduler.stats
 
 

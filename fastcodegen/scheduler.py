@@ -11,6 +11,7 @@ Nothing here loops over sequences.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -25,6 +26,20 @@ from .tokenizer import Tokenizer
 # A step's events: (sequence, request, completion index, sampled row, finish reason, new text bytes).
 Event = tuple[int, int, int, int, int, bytes]
 FINISH_REASONS: dict[int, str] = dict(_C.FINISH_REASONS)  # finish code -> the finish_reason Python reports
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of the scheduler: counters since the start, and what runs now."""
+
+    computed_tokens: int  # tokens run through the model
+    prefix_hit_tokens: int  # prompt tokens found in the prefix cache
+    preemptions: int
+    block_copies: int
+    num_running: int  # sequences
+    num_waiting: int
+    num_free_blocks: int  # KV blocks no sequence holds (cached prefixes included: they are evictable)
+    num_blocks: int
 
 
 class Scheduler:
@@ -121,8 +136,12 @@ class Scheduler:
         return self._core.pool.num_free
 
     @property
-    def stats(self):
-        return self._core.stats
+    def stats(self) -> SchedulerStats:
+        s, pool = self._core.stats, self._core.pool
+        return SchedulerStats(
+            s.computed_tokens, s.prefix_hit_tokens, s.preemptions, s.block_copies,
+            self._core.num_running, self._core.num_waiting, pool.num_free, pool.num_blocks,
+        )  # fmt: skip
 
     def check(self) -> None:
         """Raises if sequences, block references and the block tables disagree (tests and debugging)."""

@@ -40,7 +40,7 @@ def _seeded_engine(checkpoint, seed: int, **kwargs) -> Engine:
 
 
 def _stats(engine) -> dict:
-    """A snapshot of the scheduler's counters (engine.stats is a live view)."""
+    """The scheduler's counters, from a snapshot."""
     s = engine.stats
     return dict(computed=s.computed_tokens, hits=s.prefix_hit_tokens, preemptions=s.preemptions, copies=s.block_copies)
 
