@@ -70,7 +70,7 @@ struct RequestConfig {
   float temperature = 1.0f;
   float top_p = 1.0f;
   int32_t top_k = 0;
-  bool host_sampled = false;   // seeded or wants logprobs: Python samples its rows itself
+  bool host_sampled = false;   // seeded, logprobs, penalties or logit bias: Python samples its rows itself
   bool report_tokens = false;  // an event for every token (streaming, stop patterns, logprobs)
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> stop_strings;  // UTF-8
@@ -135,7 +135,7 @@ struct StepInfo {
   int32_t num_rows = 0;          // rows of the batch: every running sequence, in slot order
   int32_t num_tokens = 0;        // tokens computed this step
   int32_t num_samples = 0;       // logits rows to sample
-  int32_t num_host_sampled = 0;  // of those, rows Python samples itself (seeded / logprobs)
+  int32_t num_host_sampled = 0;  // of those, rows Python samples on the request's terms
   int32_t num_copies = 0;        // block copies to make before the forward
   int32_t max_query_len = 0;
   int32_t max_context_len = 0;

@@ -60,9 +60,16 @@ class ModelRunner:
             self.graphs.capture(self.model, self.kv_cache, self._padding_step)
 
     def run(self, step: StepInputs, requests: dict[int, RequestState]) -> Sampled:
-        """The step's forward and its sampled tokens; `requests` (by scheduler id) own the rows sampled on their terms."""
+        """The step's forward and its sampled tokens; `requests` (by scheduler id) own the rows sampled on their terms.
+
+        Completions with penalties count the tokens drawn for them here: every
+        sampled token is appended to its sequence by the scheduler's update.
+        """
         logits = self.execute(step)
-        return self.sampler(logits, SamplingInputs.of(step, self._on_device(step), requests, self.device))
+        inputs = SamplingInputs.of(step, self._on_device(step), requests, self.device)
+        sampled = self.sampler(logits, inputs)
+        inputs.count(sampled)
+        return sampled
 
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:

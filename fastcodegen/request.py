@@ -6,9 +6,11 @@ text as it decodes them); Python keeps what the user sees.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
@@ -39,6 +41,8 @@ class Completion:
     seq: int = -1  # the native sequence, once it got a token
     text: str = ""  # the text received from the scheduler (report_tokens requests: as it grows)
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # token id -> how many times this completion generated it; kept only for requests with penalties
+    counts: Counter = field(default_factory=Counter)
     finish_reason: Optional[str] = None
     stop_reason: Union[str, int, None] = None
 
@@ -56,6 +60,7 @@ class RequestState:
     error: Optional[str] = None  # why the request failed, if it did
     completions: dict[int, Completion] = field(default_factory=dict)  # by completion index
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> its generator
+    _bias: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, init=False, repr=False)
 
     def completion(self, index: int) -> Completion:
         c = self.completions.get(index)
@@ -71,3 +76,13 @@ class RequestState:
             gen.manual_seed(sample_seed(self.params.seed, index))
             self.generators[index] = gen
         return gen
+
+    def logit_bias(self) -> tuple[np.ndarray, np.ndarray]:
+        """params.logit_bias as arrays, built once: token ids (int64) and biases (float64)."""
+        if self._bias is None:
+            pairs = self.params.logit_bias
+            self._bias = (
+                np.array([t for t, _ in pairs], dtype=np.int64),
+                np.array([b for _, b in pairs], dtype=np.float64),
+            )
+        return self._bias

@@ -1,4 +1,9 @@
-"""From a batch of logits to the next tokens: greedy, temperature, top-k, top-p.
+"""From a batch of logits to the next tokens: penalties and logit bias, greedy, temperature, top-k, top-p.
+
+Presence and frequency penalties and logit_bias are one additive adjustment
+of the raw logits, built per step for the rows of the requests that use them
+(rows sampled on their request's terms) and applied before anything else;
+the logprobs reported stay those of the model's own distribution.
 
 Rows whose logits hold a NaN or an infinity (a numerical fault upstream) are
 flagged rather than sampled from: their token would be meaningless.
@@ -12,7 +17,8 @@ else shares its batch. Rows with temperature 0 take the argmax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -31,26 +37,82 @@ class SamplingInputs:
     host_top_p: np.ndarray
     generators: dict[int, torch.Generator]  # row -> the row's own generator (seeded requests)
     logprobs: dict[int, int]  # row -> how many top logprobs it wants
+    adjust_index: Optional[torch.Tensor] = None  # [2, N] int64 on the logits' device: (row, token), each pair once
+    adjust_value: Optional[torch.Tensor] = None  # [N] float32: what penalties and biases add to those logits
+    counted: list[tuple[int, Counter]] = field(default_factory=list)  # (row, its completion's token counts)
 
     @classmethod
     def of(cls, step, on_device, requests: Optional[dict] = None, device: Optional[torch.device] = None):
         """A step's sampling inputs: `on_device` is the step with its parameters on the logits' device.
 
         The rows sampled on a request's terms (`step.host_sampled_rows`) get
-        the request's seeded generator for their completion, or its logprobs.
+        the request's seeded generator for their completion, its logprobs, and
+        its penalties (from their completion's token counts) and logit bias.
         """
         host = step.arrays
-        generators, logprobs = {}, {}
+        generators, logprobs, counted, parts = {}, {}, [], []
         for row in host["host_sampled_rows"].tolist() if requests is not None else ():
             req = requests[int(host["sample_request"][row])]
-            if req.params.seed is not None:
+            p = req.params
+            if p.seed is not None:
                 generators[row] = req.generator(int(host["sample_index"][row]), device)
-            if req.params.logprobs is not None:
-                logprobs[row] = req.params.logprobs
+            if p.logprobs is not None:
+                logprobs[row] = p.logprobs
+            if p.adjusts_logits:
+                tokens, values = req.logit_bias()
+                if p.presence_penalty or p.frequency_penalty:
+                    counts = req.completion(int(host["sample_index"][row])).counts
+                    counted.append((row, counts))
+                    if counts:
+                        penalty = penalties(counts, p.presence_penalty, p.frequency_penalty)
+                        tokens, values = sum_by_token((tokens, values), penalty) if len(tokens) else penalty
+                if len(tokens):
+                    parts.append((row, tokens, values))
+        index, value = logit_adjustment(parts, on_device.temperature.device) if parts else (None, None)
         return cls(
             on_device.temperature, on_device.top_k, on_device.top_p,
-            host["temperature"], host["top_k"], host["top_p"], generators, logprobs,
+            host["temperature"], host["top_k"], host["top_p"], generators, logprobs, index, value, counted,
         )  # fmt: skip
+
+    def count(self, sampled: Sampled) -> None:
+        """Adds each drawn token to its completion's counts, for the rows with penalties whose logits were finite."""
+        for row, counts in self.counted:
+            if sampled.finite[row]:
+                counts[int(sampled.tokens[row])] += 1
+
+
+def penalties(counts: Counter, presence: float, frequency: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a completion generated, and what its penalties add to their logits.
+
+    With c[t] the count of token t: `-(presence * (c[t] > 0) + frequency * c[t])`,
+    OpenAI's formula; tokens never generated are not listed (they get 0).
+    """
+    tokens = np.fromiter(counts.keys(), np.int64, len(counts))
+    n = np.fromiter(counts.values(), np.float64, len(counts))
+    return tokens, -(presence + frequency * n)
+
+
+def sum_by_token(*adjustments: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, values) pairs of arrays as one, each token once with the sum of its values."""
+    tokens = np.concatenate([t for t, _ in adjustments])
+    values = np.concatenate([v for _, v in adjustments])
+    tokens, where = np.unique(tokens, return_inverse=True)
+    return tokens, np.bincount(where, weights=values, minlength=len(tokens))
+
+
+def logit_adjustment(
+    parts: list[tuple[int, np.ndarray, np.ndarray]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's additive adjustment of the logits: (row, token) pairs [2, N] int64 and values [N] float32.
+
+    `parts` holds (row, token ids, values) per adjusted row, each token of a
+    row once, so every logit changes by exactly one addition (no
+    accumulation whose order could vary).
+    """
+    rows = np.repeat(np.array([row for row, _, _ in parts], dtype=np.int64), [len(t) for _, t, _ in parts])
+    index = np.stack([rows, np.concatenate([t for _, t, _ in parts])])
+    values = np.concatenate([v for _, _, v in parts]).astype(np.float32)
+    return torch.from_numpy(index).to(device), torch.from_numpy(values).to(device)
 
 
 def filtered_probs(
@@ -96,16 +158,24 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> Sampled:
-        """Tokens [S] int32 in host memory, {row: {token id: logprob}} for rows that asked, which rows were finite."""
+        """Tokens [S] int32 in host memory, {row: {token id: logprob}} for rows that asked, which rows were finite.
+
+        Tokens are drawn from the logits plus the inputs' adjustment
+        (penalties, logit bias); logprobs are those of the logits as given.
+        """
         logits = logits[:, : self.vocab_limit].float()  # [S, vocab_limit]
         finite = torch.isfinite(logits).all(dim=-1)
-        tokens = logits.argmax(dim=-1)
+        scores = logits
+        if inputs.adjust_index is not None:  # out of place: the logprobs are read from `logits`
+            rows, cols = inputs.adjust_index
+            scores = logits.index_put((rows, cols), logits[rows, cols] + inputs.adjust_value)
+        tokens = scores.argmax(dim=-1)
         if (inputs.host_temperature > 0).any():
             temperature = torch.where(inputs.temperature > 0, inputs.temperature, 1.0)
             if (inputs.host_top_k > 0).any() or (inputs.host_top_p < 1.0).any():
-                probs = filtered_probs(logits, temperature, inputs.top_k, inputs.top_p)
+                probs = filtered_probs(scores, temperature, inputs.top_k, inputs.top_p)
             else:
-                probs = (logits / temperature[:, None]).softmax(dim=-1)
+                probs = (scores / temperature[:, None]).softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for row, generator in inputs.generators.items():
                 noise[row].exponential_(generator=generator)

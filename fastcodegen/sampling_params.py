@@ -7,7 +7,7 @@ import numbers
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 # The stop rules of CodeGen's own sampler (its `truncate_before_pattern`): a
 # comment, a docstring or three newlines at the start of a line end a completion.
@@ -20,6 +20,10 @@ INT32_LIMIT = 2**31
 # Below this, logits / temperature overflows float32 for ordinary logits, and the
 # softmax turns into NaN: 0 is how to ask for the most likely token.
 MIN_TEMPERATURE = 1e-3
+# OpenAI's limits for the same parameters.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 def as_int(x: object) -> Optional[int]:
@@ -75,9 +79,23 @@ class SamplingParams:
             parameters give the same completions.
         logprobs: when set, each generated token comes with the log-probability
             of it and of the `logprobs` most likely tokens, under the model's
-            distribution before temperature, top-k and top-p.
+            own distribution: before penalties, logit_bias, temperature, top-k
+            and top-p.
         ignore_eos: keep generating after the end-of-text token.
         skip_special_tokens: leave special tokens out of the text.
+        presence_penalty: in [-2, 2]; subtracted from the logit of every token
+            the completion has already generated (the prompt does not count).
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per
+            time the completion has already generated it. With c[t] those
+            counts, the logits become
+            `logits[t] - presence_penalty * (c[t] > 0) - frequency_penalty * c[t]`,
+            as in OpenAI's API.
+        logit_bias: {token id: bias}, biases in [-100, 100], at most 300
+            entries, added to the logits (+100 all but forces a token, -100
+            bans it). Keys may be integers or strings of digits (JSON's object
+            keys); kept as a tuple of (token id, bias) pairs sorted by id.
+            Penalties and biases apply to the raw logits, before temperature,
+            top-k, top-p and greedy's argmax.
     """
 
     n: int = 1
@@ -92,6 +110,9 @@ class SamplingParams:
     logprobs: Optional[int] = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Union[Mapping[object, float], Sequence[tuple[int, float]], None] = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -150,6 +171,50 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = as_float(getattr(self, name))
+            if value is None or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(
+                    f"{name} must be a number in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)!r}"
+                )
+            set_(name, value)
+        set_("logit_bias", _logit_bias(self.logit_bias))
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits its tokens are drawn from."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or len(self.logit_bias) > 0
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token id, bias) pairs sorted by id, from a dict or from such pairs (its stored form)."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {value!r}")
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias holds {len(pairs)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed")
+    out: dict[int, float] = {}
+    for key, bias in pairs:
+        token = int(key) if isinstance(key, str) and re.fullmatch("[0-9]{1,18}", key) else as_int(key)
+        if token is None or not 0 <= token < INT32_LIMIT:
+            raise ValueError(
+                f"logit_bias: {key!r} is not a token id (a non-negative integer, or a string of its digits)"
+            )
+        if token in out:
+            raise ValueError(f"logit_bias: token id {token} appears twice")
+        b = as_float(bias)
+        if b is None or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias: the bias of token {token} must be a number in "
+                f"[{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
+            )
+        out[token] = b
+    return tuple(sorted(out.items()))
 
 
 def _string_tuple(name: str, value: Union[str, Sequence[str], None]) -> tuple[str, ...]:

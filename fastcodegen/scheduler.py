@@ -80,7 +80,7 @@ class Scheduler:
         c.temperature = params.temperature
         c.top_p = params.top_p
         c.top_k = params.top_k
-        c.host_sampled = params.seed is not None or params.logprobs is not None
+        c.host_sampled = params.seed is not None or params.logprobs is not None or params.adjusts_logits
         c.report_tokens = report_tokens
         c.stop_token_ids = list(params.stop_token_ids)
         c.stop_strings = list(params.stop)

@@ -54,7 +54,7 @@ class StepInputs:
 
     Shape (ints and a bool): num_rows, num_tokens, num_samples (logits rows
     sampled), num_host_sampled (of those, rows sampled with a request's own
-    generator or with logprobs), num_copies (KV blocks copied before the
+    generator, logprobs, penalties or logit bias), num_copies (KV blocks copied before the
     forward), max_query_len, max_context_len, is_decode (every row has exactly
     one new token). Each field is an attribute of its name (csrc/scheduler.h
     says what it holds).

@@ -71,6 +71,9 @@ def validate(
         bad = next((t for t in p.stop_token_ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})")
+        bad = next((t for t, _ in p.logit_bias if t >= limits.vocab_limit), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {limits.vocab_limit})")
         if tokenizer is None and (p.stop or p.stop_patterns):
             raise ValueError("stop strings and stop_patterns need a tokenizer, and this engine has none")
         if p.n > limits.max_num_seqs:
