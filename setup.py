@@ -19,7 +19,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels"],
+    packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels", "fastcodegen.server"],
     package_dir={"fastcodegen.kernels": "kernels"},
     # codegen-tiny-py, the checkpoint shipped with the package, and CodeGen's tokenizer
     package_data={"fastcodegen": ["data/codegen-tiny-py/*", "data/codegen-tokenizer/*"]},

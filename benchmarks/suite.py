@@ -11,7 +11,9 @@ microbenchmarks (bench_kernels.py, one process per model size); batch-1
 decode latency (128-token prompt, 256 new tokens) against the bandwidth floor
 (weight bytes / copy bandwidth); throughput with continuous batching (256
 requests of 128-1024 prompt and 128-512 new tokens, seeded); time to first
-token of a 1536-token prompt, uncached and with its prefix cached; and the
+token of a 1536-token prompt, uncached and with its prefix cached; 64
+concurrent streams against `fastcodegen serve` (bench_serving.py, needs the
+server extra) beside the same requests offline; and the
 peer a user would otherwise pick at the same shapes and dtype: transformers'
 CodeGenForCausalLM.generate, eager, and with a static cache and
 torch.compile where that works, with the ratio of fastcodegen to each.
@@ -59,7 +61,7 @@ if TYPE_CHECKING:  # fastcodegen is imported where it is used: --only ceilings r
     from fastcodegen import Engine
     from fastcodegen.config import ModelConfig
 
-SECTIONS = ("ceilings", "tests", "kernels", "decode", "throughput", "ttft")
+SECTIONS = ("ceilings", "tests", "kernels", "decode", "throughput", "ttft", "serving")
 OUT_OF_TIME = "not run: out of time (--budget-s)"
 
 
@@ -578,6 +580,56 @@ def _ttft(name: str, plan: Plan) -> tuple[float, float, int]:
         return uncached, cached, engine.stats.prefix_hit_tokens - hits
 
 
+def serving(plan: Plan, budget: Budget) -> Iterator[Row]:
+    """64 concurrent streams against `fastcodegen serve` (bench_serving.py), and the same requests offline."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    for name in plan.throughput_models:
+        label = f"server output tokens/s, 64 streams {name}"
+        if missing:
+            yield Row(
+                "serving",
+                label,
+                None,
+                "tok/s",
+                note=f"not run: install the server extra ({', '.join(missing)} missing)",
+            )
+            continue
+        if not budget.allows(3 * plan.startup_s + 30.0):
+            yield Row("serving", label, None, "tok/s", note=OUT_OF_TIME)
+            continue
+        import bench_serving
+
+        argv = [
+            "--model",
+            name,
+            "--device",
+            plan.device.type,
+            "--dtype",
+            str(plan.dtype).removeprefix("torch."),
+            "--clients",
+            "64",
+            "--requests",
+            str(max(plan.requests, 64)),
+            "--max-tokens",
+            str(plan.new_tokens),
+        ]
+        if name != "codegen-tiny-py":
+            argv += ["--load-format", "dummy"]
+        try:
+            r = bench_serving.main(argv)
+        except Exception as e:
+            yield Row("serving", label, None, "tok/s", note=_error(e))
+            continue
+        finally:
+            free(plan.device)
+        yield Row("serving", label, r["output_tokens_per_s"], "tok/s", "Engine.generate offline",
+                  r["offline_output_tokens_per_s"], r["server_over_offline"],
+                  note=f"TTFT p50 {r['ttft_ms']['p50']} ms, ITL p50 {r['itl_ms']['p50']} ms; {r['failed']} failed; "
+                  "ratio = server / offline")  # fmt: skip
+
+
 def _error(e: Exception) -> str:
     traceback.print_exc(file=sys.stderr)
     return f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
@@ -760,6 +812,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "decode": lambda: decode_latency(plan, copy_gbps, budget),
         "throughput": lambda: throughput(plan, copy_gbps, budget),
         "ttft": lambda: time_to_first_token(plan, budget),
+        "serving": lambda: serving(plan, budget),
     }
     for name in sections:
         if name in runs:

@@ -1,12 +1,13 @@
 """The `fastcodegen` command.
 
 fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
+fastcodegen serve [MODEL]            an OpenAI- and Copilot-compatible HTTP server
 fastcodegen convert SRC DST          convert a transformers checkpoint
 
 A failure prints one line, `error: ...`, on stderr (a traceback only for an
 internal error, and only with -v) and exits with:
 
-    0    success
+    0    success (for serve: stopped by SIGTERM or Ctrl-C)
     1    the run failed: out of memory, or an internal error
     2    bad usage or input: an option, the prompt, a model or checkpoint that cannot be used
     130  interrupted (Ctrl-C): 128 + SIGINT, as a shell reports it
@@ -49,6 +50,9 @@ OPTIONS = MappingProxyType(
         "stop": "--stop",
     }
 )
+
+# What `fastcodegen serve` needs beyond the engine: the `server` extra.
+SERVER_DEPENDENCIES = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic"})
 
 # OSErrors that say the machine failed, not that the command named something unusable.
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
@@ -134,6 +138,71 @@ def _generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    try:
+        from .server import serving
+    except ImportError as e:
+        if e.name is None or e.name.split(".")[0] not in SERVER_DEPENDENCIES:
+            raise
+        raise UsageError(
+            f"fastcodegen serve needs FastAPI, uvicorn and prometheus_client ({e.name} is missing): "
+            'pip install "fastcodegen[server]"'
+        ) from None
+    from .engine import Engine
+    from .server.app import DEFAULT_MAX_WAITING
+
+    interrupts.check()
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"argument --port: must be in [0, 65535], got {args.port}")
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise UsageError(f"argument --max-waiting: must be at least 1, got {args.max_waiting}")
+    if args.api_key == "":
+        raise UsageError("argument --api-key: the key is empty")
+    # Listening first: a port in use is reported before the model loads.
+    sock = serving.listen(args.host, args.port)
+    try:
+        engine = Engine(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            load_format=args.load_format,
+            revision=args.revision,
+            download=not args.offline,
+            max_model_len=args.max_model_len,
+            kv_cache_tokens=args.kv_cache_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
+            enforce_eager=args.enforce_eager,
+            progress=sys.stderr is not None and sys.stderr.isatty(),
+        )
+        interrupts.check()
+        host, port = sock.getsockname()[:2]
+        name = args.served_model_name or args.model
+        url = f"http://{_url_host(host)}:{port}"
+        print(f"fastcodegen: serving {name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            serving.serve(
+                engine,
+                sock,
+                model_name=name,
+                api_key=args.api_key,
+                max_waiting=DEFAULT_MAX_WAITING if args.max_waiting is None else args.max_waiting,
+                log_level="info" if args.verbose else "warning",
+            )
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _read_prompt(arg: str) -> str:
     """The prompt: the argument itself, or standard input for `-`; UTF-8 either way."""
     if arg != "-":
@@ -191,20 +260,61 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not stop at CodeGen's own stop patterns (a comment, docstring or three newlines at a line start)",
     )
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--revision", default=None)
-    g.add_argument("--offline", action="store_true", help="never download")
+    _add_model_arguments(g)
     g.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI's Completions API and the Copilot route)",
+        usage="fastcodegen serve [MODEL] [options]",
+        description="Serves MODEL (by default the shipped codegen-tiny-py) over HTTP: POST /v1/completions (OpenAI's "
+        "Completions API), POST /v1/engines/{codegen,copilot-codex}/completions (Copilot-style clients), GET "
+        "/v1/models, /health and /metrics (Prometheus). Stops gracefully on SIGTERM or Ctrl-C. Needs the server "
+        'extra: pip install "fastcodegen[server]".',
+        epilog="Exit status: 0 stopped by SIGTERM or Ctrl-C, 1 failed, 2 bad usage or input (an option, a model, "
+        "an address that cannot be listened on, the server extra not installed).",
+    )
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTCODEGEN_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $FASTCODEGEN_API_KEY, else none)",
+    )
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    s.add_argument(
+        "--max-waiting", type=int, default=None, help="requests that may wait for the engine before new ones get a 503"
+    )
+    _add_model_arguments(s)
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences run together at most")
+    s.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one step at most")
+    s.add_argument(
+        "--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: from GPU memory)"
+    )
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="share of the GPU this engine may use")
+    s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prefixes")
+    s.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
+    s.set_defaults(func=_serve)
 
     c = sub.add_parser("convert", help="convert a transformers CodeGen checkpoint")
     convert_mod.add_arguments(c)
     c.set_defaults(func=convert_mod.run)
     return p
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how it runs: the options `generate` and `serve` share."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--revision", default=None)
+    p.add_argument("--offline", action="store_true", help="never download")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -223,8 +333,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         interrupts.check()
         verbose = getattr(args, "verbose", False)
-        _configure_logging(verbose)
-        return _generate(args, interrupts) if args.func is _generate else args.func(args)
+        # A server has no one `error:` line for a request that failed: its errors are log lines.
+        _configure_logging(verbose, log_errors=args.func is _serve)
+        return args.func(args, interrupts) if args.func in (_generate, _serve) else args.func(args)
     except KeyboardInterrupt:
         return _interrupted()
     except BrokenPipeError:
@@ -260,17 +371,18 @@ def _interrupted() -> int:
     return EXIT_INTERRUPTED
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, log_errors: bool = False) -> None:
     """Log lines on stderr, bare: INFO and up with -v, else warnings only, unless the caller set up logging.
 
-    Without -v an error reaches the user once, as the command's own `error:` line, not also as a log line.
+    Without -v an error reaches the user once, as the command's own `error:` line, not also as a log line
+    (unless `log_errors`).
     """
     root = logging.getLogger()
     if root.handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    if not verbose:
+    if not verbose and not log_errors:
         handler.addFilter(lambda record: record.levelno < logging.ERROR)
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
