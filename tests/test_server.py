@@ -295,6 +295,37 @@ def test_stop_strings_and_patterns_cut_the_text(engine, client):
     assert (got.choices[0].text, got.choices[0].finish_reason) == (expected, "stop")
 
 
+def test_logit_bias_forces_and_bans_tokens(engine, client, ref_tok):
+    forced = ref_tok.encode(" x").ids[-1]
+    got = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=6, logprobs=1, logit_bias={str(forced): 100}
+    )
+    assert got.choices[0].logprobs.tokens == [ref_tok.decode([forced])] * 6  # +100 forces it, even greedy
+    plain = generate(engine, PROMPTS[0], temperature=0, max_tokens=1).outputs[0].token_ids[0]
+    banned = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=1, logit_bias={str(plain): -100}
+    )
+    ref = generate(engine, PROMPTS[0], temperature=0, max_tokens=1, logit_bias={plain: -100})
+    assert banned.choices[0].text == ref.outputs[0].text and ref.outputs[0].token_ids[0] != plain
+
+
+def test_penalties_are_the_engines(engine, client):
+    """The engine's penalties are checked against transformers (test_penalties.py); the server passes them on."""
+    for penalties in (
+        dict(presence_penalty=1.5),
+        dict(frequency_penalty=2.0),
+        dict(presence_penalty=-0.5, frequency_penalty=0.7),
+    ):
+        ref = generate(engine, PROMPTS[1], temperature=0, max_tokens=24, **penalties).outputs[0]
+        got = client.completions.create(model=MODEL, prompt=PROMPTS[1], temperature=0, max_tokens=24, **penalties)
+        assert (got.choices[0].text, got.usage.completion_tokens) == (ref.text, len(ref.token_ids)), penalties
+    plain = generate(engine, PROMPTS[1], temperature=0, max_tokens=24).outputs[0].text
+    assert any(
+        generate(engine, PROMPTS[1], temperature=0, max_tokens=24, **p).outputs[0].text != plain
+        for p in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0))
+    ), "the penalties must change this completion for the comparison to mean something"
+
+
 def test_codegen_stops_cut_like_codegen(engine, client):
     prompt = "import os\n"
     full = generate(engine, prompt, temperature=0, max_tokens=64).outputs[0].text
