@@ -108,16 +108,7 @@ def _generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
         option = OPTIONS.get(field.group() if field else "")
         raise UsageError(f"argument {option}: {e}" if option else str(e)) from None
     prompt = _read_prompt(prompt_arg)
-    engine = Engine(
-        model,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        load_format=args.load_format,
-        revision=args.revision,
-        download=not args.offline,
-        progress=sys.stderr is not None and sys.stderr.isatty(),
-    )
+    engine = Engine(model, **_engine_options(args))
     # generate() checks the prompt and the parameters before it returns the iterator, so whatever is wrong
     # is reported before the first byte reaches stdout.
     stream = engine.generate(prompt, params, stream=True)
@@ -163,12 +154,6 @@ def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
     try:
         engine = Engine(
             args.model,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
-            load_format=args.load_format,
-            revision=args.revision,
-            download=not args.offline,
             max_model_len=args.max_model_len,
             kv_cache_tokens=args.kv_cache_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -176,7 +161,7 @@ def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager,
-            progress=sys.stderr is not None and sys.stderr.isatty(),
+            **_engine_options(args),
         )
         interrupts.check()
         host, port = sock.getsockname()[:2]
@@ -201,6 +186,19 @@ def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """The Engine options every command takes (device, dtype, backend, weights, download, progress bars)."""
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        load_format=args.load_format,
+        revision=args.revision,
+        download=not args.offline,
+        progress=sys.stderr is not None and sys.stderr.isatty(),
+    )
 
 
 def _read_prompt(arg: str) -> str:
