@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -58,6 +59,15 @@ def _percentiles(xs: list[float]) -> dict:
         return {"p50": None, "p90": None, "p99": None}
     a = np.asarray(xs) * 1e3
     return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in (50, 90, 99)}
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """A process's user + system CPU time (Linux /proc; None elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -201,8 +211,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     url = args.url
     if url is None:
         proc, url = start_server(args)
+    server_cpu = _cpu_seconds(proc.pid) if proc is not None else None
+    client_cpu = time.process_time()
     try:
         results, wall = asyncio.run(load(url, args.model, prompts, args))
+        client_cpu = time.process_time() - client_cpu
+        if server_cpu is not None:
+            server_cpu = _cpu_seconds(proc.pid) - server_cpu
     finally:
         if proc is not None:
             stop_server(proc)
@@ -221,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "failed": len(failed),
         "first_error": failed[0].error if failed else None,
         "wall_s": round(wall, 3),
+        # CPU the load generator and the server used during the load (the two share the machine's cores)
+        "client_cpu_s": round(client_cpu, 2),
+        "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
         "requests_per_s": round(len(results) / wall, 3),
         "output_tokens_per_s": round(tokens / wall, 1),
         "ttft_ms": _percentiles([r.first - r.start for r in results if r.first is not None]),
@@ -237,6 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if key in record:
             print(f"  {key}: {record[key]}")
     print(f"  ttft_ms: {record['ttft_ms']}  itl_ms: {record['itl_ms']}  failed: {len(failed)}")
+    print(f"  CPU seconds during the load: client {record['client_cpu_s']}, server {record['server_cpu_s']}")
     line = json.dumps(record)
     print(line)
     if args.out:
