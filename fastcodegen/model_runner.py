@@ -88,7 +88,7 @@ class ModelRunner:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""
         if self._dev is None:
             return step
-        return self._dev.step({k: getattr(step, k) for k in SHAPE_FIELDS})
+        return self._dev.step(step.shape())
 
     def _upload(self, step: StepInputs) -> StepInputs:
         dev = self._on_device(step)

@@ -66,9 +66,13 @@ class StepInputs:
         self.tensors = tensors
         self.arrays = arrays  # numpy views of the same memory, for a step in host memory
 
+    def shape(self) -> dict:
+        """The step's shape values by name (SHAPE_FIELDS)."""
+        return {k: getattr(self, k) for k in SHAPE_FIELDS}
+
     def replace(self, **changes) -> "StepInputs":
         """A copy with some shape values or tensors replaced."""
-        shape = {k: getattr(self, k) for k in SHAPE_FIELDS}
+        shape = self.shape()
         tensors = dict(self.tensors)
         for k, v in changes.items():
             (shape if k in SHAPE_FIELDS else tensors)[k] = v
