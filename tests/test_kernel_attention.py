@@ -53,6 +53,33 @@ PREFILL_BATCHES = {
 }
 
 
+def test_reference_matches_dense_attention(fresh_seed):
+    """The PyTorch reference itself, on a mixed step, against attention written out per sequence in float64.
+
+    Rows with one new token (batched together), longer queries and a row with
+    no new token, in the order a mixed prefill + decode step has them.
+    """
+    g = torch.Generator().manual_seed(fresh_seed)
+    seqs = [(1, 9), (4, 4), (0, 12), (1, 33), (3, 20), (1, 1)]  # (query_len, context_len)
+    q_lens, ctx = [q for q, _ in seqs], [c for _, c in seqs]
+    k_cache, v_cache, tables = _cache(ctx, 64, torch.float32, g)
+    q = torch.randn(sum(q_lens), N_HEAD, 64, generator=g)
+    starts = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    got = paged_attention_reference(
+        q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+        max(q_lens), max(ctx),
+    )  # fmt: skip
+    for b, (n, c) in enumerate(seqs):
+        slots = [int(tables[b, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(c)]
+        k = k_cache.view(-1, N_HEAD, 64)[slots].double()  # [c, H, D]
+        v = v_cache.view(-1, N_HEAD, 64)[slots].double()
+        for i in range(n):
+            pos = c - n + i  # the query's position: it sees keys 0..pos
+            scores = torch.einsum("hd,khd->hk", q[starts[b] + i].double(), k[: pos + 1]) / 8.0
+            expect = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: pos + 1])
+            torch.testing.assert_close(got[starts[b] + i].double(), expect, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch", list(PREFILL_BATCHES))
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

@@ -101,15 +101,23 @@ def paged_attention(
     context_lens[b] - query_len[b] + i and sees keys at positions up to its
     own. Returns [T, H, D] in the cache dtype.
 
-    Runs one sequence at a time, so that a long prompt beside many short
-    sequences never pads them all to its length; rows with no new token are
-    skipped. `decode_attention` is the batched form for decode steps.
+    Rows with one new token (the decodes of a mixed step) are attended as one
+    batch, as `decode_attention` does; each longer query runs on its own, so
+    that a long prompt beside many short sequences never pads them all to its
+    length. Rows with no new token are skipped.
     """
     out = torch.empty_like(q, dtype=v_cache.dtype)
     starts, ctx = query_start_loc.tolist(), context_lens.tolist()
+    singles = [b for b in range(len(ctx)) if starts[b + 1] - starts[b] == 1]
+    if singles:
+        rows = torch.tensor(singles, device=q.device)
+        first = query_start_loc[rows].long()
+        out[first] = decode_attention(
+            q[first], k_cache, v_cache, block_tables[rows], context_lens[rows], max(ctx[b] for b in singles)
+        )
     for b in range(len(ctx)):
         a, e = starts[b], starts[b + 1]
-        if a == e:
+        if e - a <= 1:
             continue
         out[a:e] = _attend(
             q[a:e], k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1],
