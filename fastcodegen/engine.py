@@ -102,6 +102,7 @@ class Engine:
         )  # fmt: skip
         self.progress = progress
         m, source = load_config(model, load_format, revision, download, cache_dir, opts["dtype"], progress)
+        self.checkpoint = source  # the converted checkpoint's directory; None for dummy weights
         opts["max_model_len"] = check_max_model_len(opts["max_model_len"], m)
         self.model_config, self.config = m, EngineConfig(
             model, load_format=load_format, revision=revision, download=download, cache_dir=cache_dir,

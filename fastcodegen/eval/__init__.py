@@ -1,0 +1,1 @@
+"""The paper's benchmarks, HumanEval and MTPB: generation, sandboxed execution and pass@k."""
