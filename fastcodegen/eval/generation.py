@@ -67,17 +67,22 @@ class Sample:
 
 @dataclass
 class GenerationStats:
-    """What a generation run did: seconds, tokens, and how much of the prompts the prefix cache served."""
+    """What a generation run did: seconds, tokens, and how much of the prefill the prefix cache served."""
 
     seconds: float = 0.0
     samples: int = 0
     generated_tokens: int = 0
+    completions: int = 0  # one per turn of each sample
     prompt_tokens: int = 0  # over every request submitted (a shared first turn counted once)
-    prefix_hit_tokens: int = 0
+    prefix_hit_tokens: int = 0  # prefill tokens the prefix cache served (a preempted sequence's return included)
+    prefill_tokens: int = 0  # prefill tokens the model computed (all tokens run, less the decode steps' inputs)
+    preemptions: int = 0
 
     @property
     def prefix_hit_fraction(self) -> float:
-        return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        """The share of the prefill (prompts, and preempted sequences' recomputation) that the prefix cache served."""
+        needed = self.prefix_hit_tokens + self.prefill_tokens
+        return self.prefix_hit_tokens / needed if needed else 0.0
 
 
 @dataclass
@@ -115,7 +120,7 @@ def generate_samples(
     todo = [(t, idx) for t, idx in todo if idx]
     total = sum(len(idx) for _, idx in todo)
     stats = GenerationStats()
-    hits_before = engine.stats.prefix_hit_tokens
+    before = engine.stats
     # request id -> (the conversations its completions continue, the prompt)
     pending: dict[str, tuple[list[_Conversation], str]] = {}
     handled: dict[str, set[int]] = {}
@@ -148,6 +153,7 @@ def generate_samples(
                     conv.finish_reasons.append(c.finish_reason)
                     conv.tokens += len(c.token_ids)
                     stats.generated_tokens += len(c.token_ids)
+                    stats.completions += 1
                     if len(conv.history) < conv.task.turns:
                         submit([conv])
                         continue
@@ -173,7 +179,13 @@ def generate_samples(
         if bar is not None:
             bar.close()
         stats.seconds = time.perf_counter() - start
-        stats.prefix_hit_tokens = engine.stats.prefix_hit_tokens - hits_before
+        after = engine.stats
+        stats.prefix_hit_tokens = after.prefix_hit_tokens - before.prefix_hit_tokens
+        # Every token run through the model is a prefill token or the input of a decode step, and each decode
+        # input is a generated token: all of a completion's but its last, which is never run.
+        decode_inputs = stats.generated_tokens - stats.completions
+        stats.prefill_tokens = max(0, after.computed_tokens - before.computed_tokens - decode_inputs)
+        stats.preemptions = after.preemptions - before.preemptions
     return stats
 
 

@@ -350,6 +350,7 @@ def _summarise(
         "generated_tokens_this_run": gen.generated_tokens,
         "execution_s": round(exec_seconds, 3),
         "prefix_hit_fraction": round(gen.prefix_hit_fraction, 4),
+        "preemptions": gen.preemptions,
         "sandbox": isolation_report(),
         "fastcodegen": fastcodegen_version(),
         "date": time.strftime("%Y-%m-%d"),
