@@ -152,3 +152,45 @@ def test_bad_options_exit_2(argv, message, tmp_path, capsys):
     assert main(["eval", "humaneval", "--offline", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
+
+
+def test_paper_protocol_runs_each_temperature(tmp_path, tiny_engine):
+    config = EvalConfig(
+        "humaneval", model="codegen-tiny-py", n=2, max_tokens=8, tasks=HUMANEVAL_TASKS[:1], out=tmp_path, paper=True,
+        workers=1,
+    )  # fmt: skip
+    summary = evaluate(config, tiny_engine, progress=False)
+    assert set(summary["runs"]) == {"t0.2", "t0.6", "t0.8"}
+    for name, t in (("t0.2", 0.2), ("t0.6", 0.6), ("t0.8", 0.8)):
+        run = json.loads((tmp_path / name / "summary.json").read_text())
+        assert run["temperature"] == t and run["top_p"] == 0.95 and run["samples"] == 2
+    # pass@1 from the 0.2 run; pass@10 and pass@100 need 10 and 100 samples, so n=2 reports neither
+    assert set(summary["pass_at_k"]) == {"pass@1"}
+    assert summary["pass_at_k"]["pass@1"] == summary["runs"]["t0.2"]["pass_at_k"]["pass@1"]
+    assert summary["samples"] == 6
+
+
+def test_a_conversation_past_the_context_ends_instead_of_failing_the_run(tiny_engine):
+    # A context that holds MTPB problem 3's first turn and 8 new tokens, not its second turn's longer prompt.
+    [problem] = mtpb.load_problems(ids=["3"])
+    first = len(tiny_engine.tokenizer.encode(mtpb.turn_prompt(problem, 0, 0, [])))
+    limit = first + 8
+    engine = Engine(
+        "codegen-tiny-py", device="cpu", dtype="float32", backend="torch", progress=False, max_model_len=limit
+    )
+    try:
+        config = EvalConfig("mtpb", model="codegen-tiny-py", n=2, temperature=0.8, max_tokens=8)
+        samples = []
+        generate_samples(
+            engine, harness.tasks_for("mtpb", [problem], 8)[:1], 2, harness.sampling_params(config),
+            on_sample=samples.append,
+        )  # fmt: skip
+        assert len(samples) == 2
+        for s in samples:
+            assert len(s.completions) == problem.n_turns
+            assert s.finish_reasons[0] != "context" and s.finish_reasons[1:] == ["context"] * (problem.n_turns - 1)
+            assert s.completions[1:] == [""] * (problem.n_turns - 1)
+            assert len(engine.tokenizer.encode(s.prompts[1])) >= limit
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.close()

@@ -19,6 +19,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..sampling_params import SamplingParams
 
+# The finish reason of a turn never drawn: the conversation no longer fit the model's context.
+CONTEXT_FULL = "context"
+
 
 @dataclass(frozen=True)
 class Task:
@@ -124,16 +127,36 @@ def generate_samples(
     # request id -> (the conversations its completions continue, the prompt)
     pending: dict[str, tuple[list[_Conversation], str]] = {}
     handled: dict[str, set[int]] = {}
+    bar = _progress_bar(total, progress)
 
     def submit(convs: list[_Conversation]) -> None:
         task = convs[0].task
         prompt = task.prompt(convs[0].history)
         p = replace(params, n=len(convs), max_tokens=task.max_tokens or params.max_tokens)
-        rid = engine.add_request(prompt, p)
+        try:
+            rid = engine.add_request(prompt, p)
+        except ValueError:
+            # A turn whose prompt (the conversation so far) no longer fits the context: the sample ends here,
+            # its remaining turns empty, and its program is judged as it stands.
+            for conv in convs:
+                while len(conv.history) < task.turns:
+                    conv.history.append((prompt, ""))
+                    conv.finish_reasons.append(CONTEXT_FULL)
+                finish(conv)
+            return
         pending[rid] = (convs, prompt)
         handled[rid] = set()
 
-    bar = _progress_bar(total, progress)
+    def finish(conv: _Conversation) -> None:
+        sample = Sample(
+            conv.task, conv.sample_index, [c for _, c in conv.history], [p for p, _ in conv.history],
+            conv.finish_reasons, conv.tokens,
+        )  # fmt: skip
+        stats.samples += 1
+        on_sample(sample)
+        if bar is not None:
+            bar.update(1)
+
     start = time.perf_counter()
     try:
         for task, indices in todo:
@@ -156,15 +179,8 @@ def generate_samples(
                     stats.completions += 1
                     if len(conv.history) < conv.task.turns:
                         submit([conv])
-                        continue
-                    sample = Sample(
-                        conv.task, conv.sample_index, [c for _, c in conv.history],
-                        [p for p, _ in conv.history], conv.finish_reasons, conv.tokens,
-                    )  # fmt: skip
-                    stats.samples += 1
-                    on_sample(sample)
-                    if bar is not None:
-                        bar.update(1)
+                    else:
+                        finish(conv)
                 if out.finished:
                     stats.prompt_tokens += len(out.prompt_token_ids)
                     del pending[out.request_id], handled[out.request_id]
