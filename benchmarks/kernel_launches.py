@@ -198,7 +198,7 @@ def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
         logits_indices=zeros(r, dtype=torch.int64),
     )
     counts = dict(
-        num_rows=r, num_tokens=t, num_samples=r, num_host_sampled=0, num_copies=0,
+        num_rows=r, num_tokens=t, num_samples=r, num_host_sampled=0, num_prompt_logits=0, num_copies=0,
         max_query_len=1 if step.kind == "decode" else min(t, shape.max_model_len),
         max_context_len=shape.max_model_len,
         is_decode=step.kind == "decode",

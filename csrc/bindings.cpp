@@ -185,6 +185,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("top_k", &RequestConfig::top_k)
       .def_readwrite("host_sampled", &RequestConfig::host_sampled)
       .def_readwrite("report_tokens", &RequestConfig::report_tokens)
+      .def_readwrite("prompt_logprobs", &RequestConfig::prompt_logprobs)
       .def_readwrite("stop_token_ids", &RequestConfig::stop_token_ids)
       .def_readwrite("stop_strings", &RequestConfig::stop_strings);
 
@@ -194,6 +195,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_tokens", &StepInfo::num_tokens)
       .def_readwrite("num_samples", &StepInfo::num_samples)
       .def_readwrite("num_host_sampled", &StepInfo::num_host_sampled)
+      .def_readwrite("num_prompt_logits", &StepInfo::num_prompt_logits)
       .def_readwrite("num_copies", &StepInfo::num_copies)
       .def_readwrite("max_query_len", &StepInfo::max_query_len)
       .def_readwrite("max_context_len", &StepInfo::max_context_len)
@@ -203,6 +205,7 @@ PYBIND11_MODULE(_C, m) {
           [](const StepInfo& i) {
             return py::dict(py::arg("num_rows") = i.num_rows, py::arg("num_tokens") = i.num_tokens,
                             py::arg("num_samples") = i.num_samples, py::arg("num_host_sampled") = i.num_host_sampled,
+                            py::arg("num_prompt_logits") = i.num_prompt_logits,
                             py::arg("num_copies") = i.num_copies, py::arg("max_query_len") = i.max_query_len,
                             py::arg("max_context_len") = i.max_context_len, py::arg("is_decode") = i.is_decode);
           },
@@ -265,7 +268,8 @@ PYBIND11_MODULE(_C, m) {
                             py::arg("num_prompt") = q.num_prompt, py::arg("num_tokens") = q.num_tokens(),
                             py::arg("num_computed") = q.num_computed, py::arg("running") = q.running,
                             py::arg("waiting") = q.waiting, py::arg("blocks") = q.blocks,
-                            py::arg("copy_src") = q.copy_src, py::arg("reported") = q.reported);
+                            py::arg("copy_src") = q.copy_src, py::arg("reported") = q.reported,
+                            py::arg("prompt_scored") = q.prompt_scored);
           },
           py::arg("seq"))
       .def(

@@ -116,7 +116,9 @@ const BlockHash& Scheduler::hash_at(Sequence* s, int32_t i) {
 void Scheduler::match_prefix(Sequence* s) {
   if (!cfg_.enable_prefix_caching) return;
   // Hits stop one token short of the end: the last token must be computed for its logits.
-  const int32_t max_hits = (s->num_tokens() - 1) / cfg_.block_size;
+  // A sequence scoring its prompt must compute every position not scored yet, too.
+  const int32_t end = s->req->cfg.prompt_logprobs ? std::min(s->num_tokens() - 1, s->prompt_scored) : s->num_tokens() - 1;
+  const int32_t max_hits = end / cfg_.block_size;
   for (int32_t i = 0; i < max_hits; ++i) {
     const BlockHash parent = i == 0 ? BlockHash{} : s->hashes[i - 1];
     const BlockHash& h = hash_at(s, i);
@@ -226,11 +228,29 @@ void Scheduler::preempt(Sequence* s) {
 
 int32_t Scheduler::samples_needed(const Sequence* s) const { return s->forked ? 1 : s->req->cfg.n; }
 
-// How many of s's remaining tokens fit the budget and the sample limit (0: none).
+// Prompt positions not scored yet among the next `chunk` tokens of s (prompt_logprobs
+// requests; the last prompt position is the first sampled row, not a prompt row).
+int32_t Scheduler::prompt_rows(const Sequence* s, int32_t chunk) const {
+  if (!s->req->cfg.prompt_logprobs) return 0;
+  const int32_t first = std::max(s->num_computed, s->prompt_scored);
+  return std::max(0, std::min(s->num_computed + chunk, s->num_prompt - 1) - first);
+}
+
+// The logits rows s's next `chunk` tokens need: prompt rows, and the sampled rows if the chunk ends s.
+int32_t Scheduler::logits_rows(const Sequence* s, int32_t chunk) const {
+  const bool ends = s->num_computed + chunk == s->num_tokens();
+  return prompt_rows(s, chunk) + (ends ? samples_needed(s) : 0);
+}
+
+// How many of s's remaining tokens fit the budget and the logits-row limit (0: none).
 int32_t Scheduler::plan_chunk(Sequence* s, const Budget& budget) {
   const int32_t remaining = s->num_tokens() - s->num_computed;
   int32_t chunk = std::min(remaining, budget.tokens);
-  if (chunk == remaining && budget.samples + samples_needed(s) > cfg_.max_samples) chunk = remaining - 1;
+  if (s->req->cfg.prompt_logprobs) {  // a row per position not scored yet: prompt_rows(c) <= c - skipped
+    const int32_t skipped = std::max(0, s->prompt_scored - s->num_computed);
+    chunk = std::min(chunk, skipped + std::max(0, cfg_.max_samples - budget.samples));
+  }
+  if (chunk == remaining && budget.samples + logits_rows(s, chunk) > cfg_.max_samples) chunk = remaining - 1;
   return std::max(chunk, 0);
 }
 
@@ -238,7 +258,7 @@ int32_t Scheduler::plan_chunk(Sequence* s, const Budget& budget) {
 void Scheduler::take(Sequence* s, int32_t chunk, Budget& budget) {
   s->q_len = chunk;
   budget.tokens -= chunk;
-  if (s->num_computed + chunk == s->num_tokens()) budget.samples += samples_needed(s);
+  budget.samples += logits_rows(s, chunk);
 }
 
 StepInfo Scheduler::schedule() {
@@ -255,7 +275,7 @@ StepInfo Scheduler::schedule() {
 void Scheduler::schedule_decodes(Budget& budget) {
   for (size_t i = 0; i < by_age_.size(); ++i) {
     Sequence* s = by_age_[i];
-    if (s->num_computed != s->num_tokens() - 1 || budget.samples + samples_needed(s) > cfg_.max_samples) continue;
+    if (s->num_computed != s->num_tokens() - 1 || budget.samples + logits_rows(s, 1) > cfg_.max_samples) continue;
     bool ok = reserve(s, 1);
     while (!ok) {
       Sequence* victim = by_age_.back();
@@ -336,6 +356,7 @@ StepInfo Scheduler::write_step() {
     }
     const int32_t k = s->q_len, context = s->num_computed + k;
     write_tokens(s, info.num_tokens);
+    if (k > 0) write_prompt_logits(s, info.num_tokens, info);
     info.num_tokens += k;
     buf_.query_start_loc[r + 1] = info.num_tokens;
     buf_.context_lens[r] = context;
@@ -378,6 +399,18 @@ void Scheduler::write_samples(Sequence* s, int32_t logits_index, StepInfo& info)
   }
 }
 
+// The prompt rows of s's tokens this step, which start at index t of the step's tokens.
+void Scheduler::write_prompt_logits(const Sequence* s, int32_t t, StepInfo& info) {
+  const int32_t rows = prompt_rows(s, s->q_len);
+  const int32_t first = std::max(s->num_computed, s->prompt_scored);
+  for (int32_t p = first; p < first + rows; ++p) {
+    const int32_t row = info.num_prompt_logits++;
+    buf_.prompt_logits_indices[row] = t + (p - s->num_computed);
+    buf_.prompt_logits_request[row] = s->req->id;
+    buf_.prompt_logits_position[row] = p;
+  }
+}
+
 // ---------------------------------------------------------------------------- outputs
 
 Sequence* Scheduler::fork(Sequence* parent, int32_t index) {
@@ -385,6 +418,7 @@ Sequence* Scheduler::fork(Sequence* parent, int32_t index) {
   s->tokens.reserve(parent->tokens.capacity());
   s->tokens = parent->tokens;
   s->num_prompt = parent->num_prompt;
+  s->prompt_scored = parent->prompt_scored;
   s->hashes = parent->hashes;
   s->forked = true;
   if (static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs) {
@@ -508,6 +542,7 @@ const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, i
   // The step's tokens are in the cache now, and its block copies made.
   for (Sequence* s : running_) {
     s->num_computed += s->q_len;
+    if (s->req->cfg.prompt_logprobs) s->prompt_scored = std::max(s->prompt_scored, std::min(s->num_computed, s->num_prompt - 1));
     publish_computed(s);
     drop_copy_source(s);
   }

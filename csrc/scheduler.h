@@ -28,6 +28,11 @@
 // A request with n samples computes its prompt once: the step that finishes
 // the prompt samples n tokens from its logits, and the sequence forks into n
 // sharing the prompt's blocks.
+// A request that scores its prompt (prompt_logprobs) needs the logits at
+// every prompt position, not only the last: each prompt token computed is a
+// logits row too (prompt_logits_indices), sharing the sampled rows' cap
+// (max_samples), which limits its chunks; prefix-cache hits are taken only
+// over positions already scored (after a preemption, all of them).
 #pragma once
 
 #include <algorithm>
@@ -72,6 +77,7 @@ struct RequestConfig {
   int32_t top_k = 0;
   bool host_sampled = false;   // seeded, logprobs, penalties or logit bias: Python samples its rows itself
   bool report_tokens = false;  // an event for every token (streaming, stop patterns, logprobs)
+  bool prompt_logprobs = false; // logits rows at every prompt position (the prompt's own log-probabilities)
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> stop_strings;  // UTF-8
 };
@@ -99,6 +105,7 @@ struct Sequence {
   std::vector<int32_t> tokens;
   int32_t num_prompt = 0;
   int32_t num_computed = 0;   // tokens whose K/V are in the cache
+  int32_t prompt_scored = 0;  // prompt_logprobs: positions [0, prompt_scored) had their logits computed
   std::vector<int32_t> blocks;
   std::vector<BlockHash> hashes;  // of the full blocks of `tokens`, as far as computed
   int32_t num_published = 0;      // blocks published to the prefix cache
@@ -136,6 +143,7 @@ struct StepInfo {
   int32_t num_tokens = 0;        // tokens computed this step
   int32_t num_samples = 0;       // logits rows to sample
   int32_t num_host_sampled = 0;  // of those, rows Python samples on the request's terms
+  int32_t num_prompt_logits = 0; // logits rows at prompt positions, scored not sampled (prompt_logprobs)
   int32_t num_copies = 0;        // block copies to make before the forward
   int32_t max_query_len = 0;
   int32_t max_context_len = 0;
@@ -165,6 +173,9 @@ enum class Capacity : int32_t { kTokens, kRows, kSamples, kBlockTable };
   X(sample_index, int32_t, "int32", kSamples, num_samples, 0, false)            /* completion index of the token */    \
   X(sample_request, int64_t, "int64", kSamples, num_samples, 0, false)                                                 \
   X(host_sampled_rows, int32_t, "int32", kSamples, num_host_sampled, 0, false)  /* rows Python samples */              \
+  X(prompt_logits_indices, int64_t, "int64", kSamples, num_prompt_logits, 0, true)  /* token of each prompt row */   \
+  X(prompt_logits_request, int64_t, "int64", kSamples, num_prompt_logits, 0, false)                                    \
+  X(prompt_logits_position, int32_t, "int32", kSamples, num_prompt_logits, 0, false) /* scores prompt token p + 1 */ \
   X(copy_src, int64_t, "int64", kRows, num_copies, 0, false)                    /* copies before the forward */        \
   X(copy_dst, int64_t, "int64", kRows, num_copies, 0, false)
 
@@ -289,6 +300,8 @@ class Scheduler {
   void match_prefix(Sequence* s);
   bool reserve(Sequence* s, int32_t tokens);
   int32_t samples_needed(const Sequence* s) const;
+  int32_t prompt_rows(const Sequence* s, int32_t chunk) const;
+  int32_t logits_rows(const Sequence* s, int32_t chunk) const;
   int32_t plan_chunk(Sequence* s, const Budget& budget);
   int32_t prompt_room(Sequence* s, int32_t chunk);
   void take(Sequence* s, int32_t chunk, Budget& budget);
@@ -298,6 +311,7 @@ class Scheduler {
   StepInfo write_step();
   void write_tokens(const Sequence* s, int32_t t);
   void write_samples(Sequence* s, int32_t logits_index, StepInfo& info);
+  void write_prompt_logits(const Sequence* s, int32_t t, StepInfo& info);
   void admit(Sequence* s);
   void remove_running(Sequence* s);
   void preempt(Sequence* s);

@@ -281,7 +281,7 @@ class Engine:
         if step.num_tokens == 0:
             raise RuntimeError("the scheduler could not schedule any token")
         sampled = self._runner.run(step, self._outputs.requests)
-        self._outputs.process(step, sampled.logprobs, self._scheduler.update(sampled.tokens, sampled.finite))
+        self._outputs.process(step, sampled, self._scheduler.update(sampled.tokens, sampled.finite))
 
     @property
     @_locked

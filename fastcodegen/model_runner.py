@@ -15,6 +15,7 @@ import gc
 import logging
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .config import EngineConfig, ModelConfig
@@ -67,22 +68,46 @@ class ModelRunner:
         """
         logits = self.execute(step)
         inputs = SamplingInputs.of(step, self._on_device(step), requests, self.device)
-        sampled = self.sampler(logits, inputs)
+        sampled = self.sampler(logits[: step.num_samples], inputs)
         inputs.count(sampled)
+        if step.num_prompt_logits:
+            sampled.prompt_logprobs = self._score_prompts(step, logits[step.num_samples :], requests)
         return sampled
+
+    def _score_prompts(
+        self, step: StepInputs, logits: torch.Tensor, requests: dict[int, RequestState]
+    ) -> list[Optional[dict[int, float]]]:
+        """The logprobs of the step's prompt rows: row r scores the prompt token after its position."""
+        owners = step.arrays["prompt_logits_request"].tolist()
+        positions = step.arrays["prompt_logits_position"].tolist()
+        rows, tokens, top = [], [], []
+        for r, (core_id, p) in enumerate(zip(owners, positions)):
+            req = requests.get(core_id)
+            if req is not None:  # else removed since the step was scheduled
+                rows.append(r)
+                tokens.append(req.prompt_token_ids[p + 1])
+                top.append(req.params.prompt_logprobs)
+        scored = self.sampler.score(logits[rows], np.array(tokens, dtype=np.int64), top)
+        out: list[Optional[dict[int, float]]] = [None] * len(owners)
+        for r, d in zip(rows, scored):
+            out[r] = d
+        return out
 
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:
-        """Logits [num_samples, vocab_size] float32 of the step's sampled rows."""
+        """Logits [num_samples + num_prompt_logits, vocab_size] float32: the sampled rows', then the prompt rows'."""
         if step.num_copies:
             self._copy_blocks(step.copy_src, step.copy_dst)
         dev = self._upload(step)
+        rows = dev.logits_indices
+        if step.num_prompt_logits:
+            rows = torch.cat([rows, dev.prompt_logits_indices])
         if self.graphs is not None and step.is_decode and self.graphs.fits(step.num_rows):
             bucket = self.graphs.bucket(step.num_rows)
             self._dev.pad_decode(step.num_rows, bucket)
-            return self.graphs.replay(bucket)[dev.logits_indices]
+            return self.graphs.replay(bucket)[rows]
         hidden = self.model.forward(dev, self.kv_cache)
-        return self.model.compute_logits(hidden[dev.logits_indices])
+        return self.model.compute_logits(hidden[rows])
 
     def _on_device(self, step: StepInputs) -> StepInputs:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 
 from .outputs import CompletionOutput, RequestOutput
 from .request import Reader, RequestState
+from .sampler import Sampled
 from .sampling_params import SamplingParams
 from .scheduler import FINISH_REASONS, Scheduler
 from .stopping import PatternStops
@@ -89,8 +90,14 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ a step's news
 
-    def process(self, step, logprobs: dict[int, dict[int, float]], events: Iterable[tuple]) -> None:
-        """Applies a step's events, and the logprobs of its sampled rows, to the requests; marks their news."""
+    def process(self, step, sampled: Sampled, events: Iterable[tuple]) -> None:
+        """Applies a step's events and logprobs (its prompt rows' first) to the requests; marks their news."""
+        if sampled.prompt_logprobs:
+            owners, positions = step.arrays["prompt_logits_request"], step.arrays["prompt_logits_position"]
+            for r, lp in enumerate(sampled.prompt_logprobs):
+                req = self.requests.get(int(owners[r]))
+                if lp is not None and req is not None:
+                    req.score_prompt(int(positions[r]), lp)
         for seq, core_id, index, _row, finish, new_bytes in events:
             req = self.requests.get(core_id)
             if req is None:
@@ -108,7 +115,7 @@ class OutputProcessor:
                     c.text, c.finish_reason, c.stop_reason = c.text[: hit[0]], "stop", hit[1]
                     self._count_finished(req)
             req.owner.unread.add(core_id)
-        for row, lp in logprobs.items():
+        for row, lp in sampled.logprobs.items():
             req = self.requests.get(int(step.sample_request[row]))
             if req is not None and req.error is None:
                 req.completion(int(step.sample_index[row])).logprobs.append(lp)
@@ -179,4 +186,5 @@ class OutputProcessor:
             outputs=completions,
             finished=req.finished,
             error=req.error,
+            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
         )

@@ -51,6 +51,13 @@ class RequestOutput:
         request_id: the engine's id for the request.
         prompt: the prompt text, when it was given as text.
         prompt_token_ids: the prompt's token ids.
+        prompt_logprobs: with SamplingParams.prompt_logprobs set, one entry
+            per prompt token: None for the first (nothing precedes it), then
+            dicts mapping token ids (the prompt's token and the top
+            `prompt_logprobs` at that position) to log-probabilities given
+            the tokens before. Complete in every output that carries
+            generated tokens (None entries remain only where a request ended
+            before its prompt was computed); None without prompt_logprobs.
         outputs: the `n` completions, in index order.
         finished: whether every completion has finished.
         error: why the request failed (its completions then end with
@@ -64,6 +71,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: Optional[str] = None
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
 
 
 class GenerationError(RuntimeError):

@@ -60,7 +60,17 @@ class RequestState:
     error: Optional[str] = None  # why the request failed, if it did
     completions: dict[int, Completion] = field(default_factory=dict)  # by completion index
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> its generator
+    # params.prompt_logprobs set: per prompt token, its logprobs given the ones before (None: the first token)
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
     _bias: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+
+    def score_prompt(self, position: int, logprobs: dict[int, float]) -> None:
+        """Records the logprobs computed at prompt position `position`: those of token position + 1."""
+        self.prompt_logprobs[position + 1] = logprobs
 
     def completion(self, index: int) -> Completion:
         c = self.completions.get(index)

@@ -147,6 +147,8 @@ class Sampled:
     tokens: np.ndarray  # [S] int32
     logprobs: dict[int, dict[int, float]]  # row -> {token id: logprob}, for rows that asked
     finite: np.ndarray  # [S] bool: False where the row's logits held a NaN or an infinity (its token is meaningless)
+    # per prompt row of the step (prompt_logprobs): {token id: logprob} for the prompt's next token and the top ones
+    prompt_logprobs: list[Optional[dict[int, float]]] = field(default_factory=list)
 
 
 class Sampler:
@@ -187,22 +189,37 @@ class Sampler:
         lp_rows = {row: k for row, k in inputs.logprobs.items() if host_finite[row]}
         return Sampled(host_tokens, self._logprobs(logits, host_tokens, lp_rows), host_finite)
 
+    @torch.inference_mode()
+    def score(self, logits: torch.Tensor, tokens: np.ndarray, top: list[int]) -> list[dict[int, float]]:
+        """Per row of `logits` [R, vocab]: the logprobs of `tokens[r]` and of the `top[r]` most likely tokens.
+
+        Prompt positions are scored this way: `tokens[r]` is the prompt token
+        that follows row r's position.
+        """
+        if not len(top):
+            return []
+        return token_logprobs(logits[:, : self.vocab_limit].float(), tokens, top)
+
     def _logprobs(
         self, logits: torch.Tensor, tokens: np.ndarray, wanted: dict[int, int]
     ) -> dict[int, dict[int, float]]:
         if not wanted:
             return {}
         rows = list(wanted)
-        lp = logits[rows].log_softmax(dim=-1)
-        k = max(wanted.values())
-        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-        chosen = torch.as_tensor(tokens[rows], device=lp.device, dtype=torch.long)
-        chosen_v = lp.gather(1, chosen[:, None])[:, 0].tolist()
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        out: dict[int, dict[int, float]] = {}
-        for j, row in enumerate(rows):
-            n = wanted[row]
-            d = dict(zip(top_i[j][:n], top_v[j][:n]))
-            d[int(tokens[row])] = chosen_v[j]
-            out[row] = d
-        return out
+        return dict(zip(rows, token_logprobs(logits[rows], tokens[rows], list(wanted.values()))))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: np.ndarray, top: list[int]) -> list[dict[int, float]]:
+    """Per row of `logits` [R, V] float32: {token id: logprob} for its `top[r]` most likely tokens and `tokens[r]`."""
+    lp = logits.log_softmax(dim=-1)
+    k = max(top)
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    chosen = torch.as_tensor(np.asarray(tokens), device=lp.device, dtype=torch.long)
+    chosen_v = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    out = []
+    for j, n in enumerate(top):
+        d = dict(zip(top_i[j][:n], top_v[j][:n]))
+        d[int(tokens[j])] = chosen_v[j]
+        out.append(d)
+    return out

@@ -81,6 +81,13 @@ class SamplingParams:
             of it and of the `logprobs` most likely tokens, under the model's
             own distribution: before penalties, logit_bias, temperature, top-k
             and top-p.
+        prompt_logprobs: when set, every prompt token after the first comes
+            with its log-probability given the tokens before it, and those of
+            the `prompt_logprobs` most likely tokens at its position (the
+            model's own distribution, like `logprobs`): the
+            `RequestOutput.prompt_logprobs` list. Such a request computes its
+            whole prompt (the prefix cache does not serve it), in chunks of at
+            most as many positions as a step samples rows.
         ignore_eos: keep generating after the end-of-text token.
         skip_special_tokens: leave special tokens out of the text.
         presence_penalty: in [-2, 2]; subtracted from the logit of every token
@@ -108,6 +115,7 @@ class SamplingParams:
     stop_patterns: Union[str, Sequence[str], None] = None
     seed: Optional[int] = None
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     presence_penalty: float = 0.0
@@ -168,6 +176,8 @@ class SamplingParams:
             set_("seed", seed)
         if self.logprobs is not None:
             integer("logprobs", 0, MAX_LOGPROBS + 1)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", 0, MAX_LOGPROBS + 1)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

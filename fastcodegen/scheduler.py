@@ -82,6 +82,7 @@ class Scheduler:
         c.top_k = params.top_k
         c.host_sampled = params.seed is not None or params.logprobs is not None or params.adjusts_logits
         c.report_tokens = report_tokens
+        c.prompt_logprobs = params.prompt_logprobs is not None
         c.stop_token_ids = list(params.stop_token_ids)
         c.stop_strings = list(params.stop)
         return self._core.add_request(prompt, c)

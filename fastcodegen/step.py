@@ -27,7 +27,7 @@ import torch
 
 _DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
 SHAPE_FIELDS = (
-    "num_rows", "num_tokens", "num_samples", "num_host_sampled", "num_copies",
+    "num_rows", "num_tokens", "num_samples", "num_host_sampled", "num_prompt_logits", "num_copies",
     "max_query_len", "max_context_len", "is_decode",
 )  # fmt: skip
 
@@ -54,7 +54,8 @@ class StepInputs:
 
     Shape (ints and a bool): num_rows, num_tokens, num_samples (logits rows
     sampled), num_host_sampled (of those, rows sampled with a request's own
-    generator, logprobs, penalties or logit bias), num_copies (KV blocks copied before the
+    generator, logprobs, penalties or logit bias), num_prompt_logits (logits rows
+    at prompt positions, scored for prompt_logprobs), num_copies (KV blocks copied before the
     forward), max_query_len, max_context_len, is_decode (every row has exactly
     one new token). Each field is an attribute of its name (csrc/scheduler.h
     says what it holds).
@@ -104,6 +105,7 @@ class StepBuffers:
             shape["num_rows"],
             shape["num_samples"],
             shape["num_host_sampled"],
+            shape["num_prompt_logits"],
             shape["num_copies"],
         )
         cached = self._steps.get(key)

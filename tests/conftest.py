@@ -340,6 +340,7 @@ def make_step(*, max_query_len: int, max_context_len: int, is_decode: bool, **te
         num_tokens=tensors["input_ids"].shape[0],
         num_samples=tensors["logits_indices"].shape[0],
         num_host_sampled=0,
+        num_prompt_logits=0,
         num_copies=0,
         max_query_len=max_query_len,
         max_context_len=max_context_len,

@@ -227,7 +227,7 @@ def _lockstep(engines: list[Engine], first: list, then: list, after_steps: int) 
         inputs = SamplingInputs.of(first_step, runner._on_device(first_step), lead._outputs.requests, runner.device)
         sampled = runner.sampler(logits[0], inputs)
         for e, s in zip(engines, steps):
-            e._outputs.process(s, sampled.logprobs, e._scheduler.update(sampled.tokens, sampled.finite))
+            e._outputs.process(s, sampled, e._scheduler.update(sampled.tokens, sampled.finite))
     for e in engines:
         e._scheduler.check()
     return {"worst": worst, **seen}
