@@ -277,8 +277,77 @@ def test_echo_prepends_the_prompt(client, http, ref_tok):
         model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=8, echo=True, stream=True
     )
     assert "".join(chunk.choices[0].text for chunk in streamed) == echo.choices[0].text
-    r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "echo": True, "logprobs": 1})
-    assert "echo together with logprobs" in assert_error(r, 400, "echo")["message"]
+
+
+def _joined_logprobs(chunks) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for k in out:
+            out[k] += getattr(chunk.choices[0].logprobs, k)
+    return out
+
+
+def assert_same_logprobs(got: dict, want: dict) -> None:
+    """Legacy logprobs equal up to float rounding (a prompt scored in other batches), None where None."""
+    assert (got["tokens"], got["text_offset"]) == (want["tokens"], want["text_offset"])
+    for g, w in zip(got["token_logprobs"], want["token_logprobs"], strict=True):
+        assert g == w if w is None else g == pytest.approx(w, abs=1e-4)
+    for g, w in zip(got["top_logprobs"], want["top_logprobs"], strict=True):
+        assert g == w if w is None else g == pytest.approx(w, abs=1e-4)
+
+
+def test_echo_with_logprobs_scores_the_prompt(engine, client, ref_tok):
+    prompt = PROMPTS[2]
+    got = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, echo=True, logprobs=2)
+    ref = generate(engine, prompt, temperature=0, max_tokens=8, logprobs=2, prompt_logprobs=2)
+    ids = ref_tok.encode(prompt).ids
+    assert ref.prompt_token_ids == ids
+    choice, lp = got.choices[0], got.choices[0].logprobs
+    texts = [ref_tok.decode([t], skip_special_tokens=False) for t in ids + ref.outputs[0].token_ids]
+    assert lp.tokens == texts
+    assert choice.text == "".join(texts) == prompt + ref.outputs[0].text
+    assert lp.text_offset == [len("".join(texts[:k])) for k in range(len(texts))]
+    # The prompt's first token has nothing before it; every other token is scored given the ones before.
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    scored = ref.prompt_logprobs[1:] + ref.outputs[0].logprobs
+    want = [d[t] for d, t in zip(scored, ids[1:] + ref.outputs[0].token_ids)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for top, d in zip(lp.top_logprobs[1:], scored, strict=True):
+        assert top == pytest.approx({ref_tok.decode([t], skip_special_tokens=False): v for t, v in d.items()}, abs=1e-4)
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, temperature=0, max_tokens=8, echo=True, logprobs=2, stream=True
+        )
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == choice.text
+    assert streamed[0].choices[0].text == prompt  # the echo chunk, with the prompt's logprobs
+    assert_same_logprobs(_joined_logprobs(streamed), lp.model_dump())
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_alone(engine, client, http, ref_tok):
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    got = client.completions.create(model=MODEL, prompt=prompts, max_tokens=0, echo=True, logprobs=0, n=2)
+    assert len(got.choices) == 4
+    for choice in got.choices:
+        prompt = prompts[choice.index // 2]
+        ids = ref_tok.encode(prompt).ids
+        ref = generate(engine, prompt, max_tokens=1, prompt_logprobs=0)
+        assert (choice.text, choice.finish_reason) == (prompt, "length")
+        assert choice.logprobs.tokens == [ref_tok.decode([t]) for t in ids]
+        want = [d[t] for d, t in zip(ref.prompt_logprobs[1:], ids[1:], strict=True)]
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert got.usage.completion_tokens == 0
+    assert got.usage.prompt_tokens == sum(len(ref_tok.encode(p).ids) for p in prompts)
+    streamed = list(
+        client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True, logprobs=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in streamed) == prompts[0]
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert_same_logprobs(_joined_logprobs(streamed), got.choices[0].logprobs.model_dump())
+    plain = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True)
+    assert (plain.choices[0].text, plain.choices[0].logprobs) == (prompts[0], None)
+    r = http.post("/v1/completions", json={"prompt": prompts[0], "max_tokens": 0, "logprobs": 1})
+    assert "echo" in assert_error(r, 400, "max_tokens")["message"]
 
 
 def test_stop_strings_and_patterns_cut_the_text(engine, client):

@@ -3,7 +3,11 @@
 Prompt p's sample i is choice p * n + i, as OpenAI numbers them. A streamed
 choice gets a chunk for each step that grew its text (the new text), the last
 one with its finish_reason; their concatenation is the text a non-streamed
-request with the same seed gets. A client that goes away (a closed stream, or
+request with the same seed gets. With echo, the prompt's text comes first (a
+chunk of its own), and with logprobs too, its tokens lead the choice's
+logprobs (the first with None): that chunk waits for the prompt's first
+output, which carries the prompt's log-probabilities. max_tokens 0 (with echo)
+answers with the prompt alone: the one token the engine draws is left out. A client that goes away (a closed stream, or
 a dropped connection while a non-streamed request runs) has its requests
 aborted before the engine's next step.
 """
@@ -106,6 +110,7 @@ class _ChoiceState:
     """How much of a streamed choice was sent."""
 
     logprobs: LegacyLogprobs
+    echoed: bool = False
     chars: int = 0
     tokens: int = 0
     done: bool = False
@@ -122,6 +127,20 @@ class _Answer:
     tracker: RequestTracker
     echo: list[str]  # per prompt: the text prepended to its choices ("" without echo)
     tokenizer: object
+
+    def _prompt_logprobs(self, out: RequestOutput) -> Optional[dict]:
+        """The echoed prompt's logprobs entries (echo with logprobs), or None."""
+        if not self.job.echo or self.job.logprobs is None:
+            return None
+        return LegacyLogprobs(self.tokenizer).add(out.prompt_token_ids, out.prompt_logprobs)
+
+    def _logprobs(self, p: int, prompt: Optional[dict], c: CompletionOutput) -> Optional[dict]:
+        """A whole choice's logprobs: the echoed prompt's entries, then its tokens' (none when scores_only)."""
+        if self.job.logprobs is None:
+            return None
+        own = LegacyLogprobs(self.tokenizer, len(self.echo[p]))
+        lp = own.add(*([], []) if self.job.scores_only else (c.token_ids, c.logprobs))
+        return lp if prompt is None else {k: prompt[k] + lp[k] for k in lp}
 
     def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
         body = completion_body(self.id, self.created, self.model, choices, usage)
@@ -151,22 +170,24 @@ class _Answer:
         """The `text_completion` object of finished outputs."""
         job, choices = self.job, []
         for p in range(len(job.prompts)):
+            prompt_lp = self._prompt_logprobs(finals[p])
             for i, c in enumerate(self._best(finals[p].outputs)):
-                lp = None
-                if job.logprobs is not None:
-                    lp = LegacyLogprobs(self.tokenizer, len(self.echo[p])).add(c.token_ids, c.logprobs)
-                choices.append(choice_body(p * job.n + i, self.echo[p] + c.text, lp, c.finish_reason))
+                lp = self._logprobs(p, prompt_lp, c)
+                if job.scores_only:
+                    choices.append(choice_body(p * job.n + i, self.echo[p], lp, "length"))
+                else:
+                    choices.append(choice_body(p * job.n + i, self.echo[p] + c.text, lp, c.finish_reason))
         usage = usage_body(
             sum(len(out.prompt_token_ids) for out in finals.values()),
             # every sample generated, the ones best_of left out included: they were computed (as OpenAI counts)
-            sum(len(c.token_ids) for out in finals.values() for c in out.outputs),
+            0 if job.scores_only else sum(len(c.token_ids) for out in finals.values() for c in out.outputs),
         )
         return completion_body(self.id, self.created, self.model, choices, usage)
 
     def _best(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
         outputs = sorted(outputs, key=lambda c: c.index)
-        if not self.job.ranks:
-            return outputs
+        if not self.job.ranks or self.job.scores_only:  # nothing generated to rank by: the first n
+            return outputs[: self.job.n]
         return sorted(outputs, key=lambda c: -c.cumulative_logprob)[: self.job.n]  # stable: ties keep index order
 
     # ------------------------------------------------------------------ streamed
@@ -181,8 +202,10 @@ class _Answer:
         }
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[tuple[int, int], int] = {}
-        if job.echo:
+        # The echo chunks go first; with logprobs, each waits for its prompt's first output, which scores it.
+        if job.echo and job.logprobs is None:
             for (p, i), st in states.items():
+                st.echoed = True
                 yield self._chunk([choice_body(p * n + i, self.echo[p], None, None)])
         remaining = len(states)
         while remaining:
@@ -191,7 +214,7 @@ class _Answer:
                 reason = "abort" if news.reason == "shutdown" else "error"
                 for (p, i), st in states.items():
                     if not st.done:
-                        yield self._chunk([choice_body(p * n + i, "", None, reason)])
+                        yield self._chunk([choice_body(p * n + i, "" if st.echoed else self.echo[p], None, reason)])
                 if news.reason == "error":
                     yield f"data: {json.dumps(error_body(news.message, type=SERVER_ERROR))}\n\n"
                 break
@@ -200,6 +223,16 @@ class _Answer:
                 prompt_tokens[p] = len(out.prompt_token_ids)
                 for c in out.outputs:
                     st = states[(p, c.index)]
+                    if not st.echoed and job.echo:
+                        st.echoed = True
+                        yield self._chunk([choice_body(p * n + c.index, self.echo[p], self._prompt_logprobs(out), None)])
+                    if job.scores_only:
+                        completion_tokens[(p, c.index)] = 0
+                        if not st.done and c.finish_reason is not None:
+                            st.done, remaining = True, remaining - 1
+                            lp = None if job.logprobs is None else st.logprobs.add([], [])
+                            yield self._chunk([choice_body(p * n + c.index, "", lp, "length")])
+                        continue
                     completion_tokens[(p, c.index)] = len(c.token_ids)
                     if st.done or (len(c.text) == st.chars and c.finish_reason is None):
                         continue

@@ -83,7 +83,8 @@ class CompletionJob:
     params: SamplingParams  # what the engine runs: n is best_of when that is larger
     n: int  # choices returned per prompt: the best n of params.n by cumulative logprob
     logprobs: Optional[int]  # what the client asked for (params.logprobs may be set only to rank best_of)
-    echo: bool
+    echo: bool  # with logprobs: the prompt's tokens come first in each choice's logprobs (params.prompt_logprobs)
+    scores_only: bool  # max_tokens 0 with echo: the engine draws one token, which the answer leaves out
     stream: bool
     include_usage: bool
 
@@ -133,11 +134,10 @@ def completion_job(req: CompletionRequest, max_model_len: int) -> CompletionJob:
         raise bad_request("best_of larger than n cannot be streamed: the best are known only at the end", "best_of")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {req.logprobs}", "logprobs")
-    if req.echo and req.logprobs is not None:
+    scores_only = req.max_tokens == 0
+    if scores_only and not req.echo:
         raise bad_request(
-            "echo together with logprobs is not supported: fastcodegen does not compute the log-probabilities of "
-            "prompt tokens (use echo or logprobs, not both)",
-            param="echo",
+            "max_tokens must be at least 1; 0 is allowed only with echo (to score the prompt), got 0", "max_tokens"
         )
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
@@ -152,12 +152,13 @@ def completion_job(req: CompletionRequest, max_model_len: int) -> CompletionJob:
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=0 if req.top_k is None else req.top_k,
         # no max_tokens: up to the context end, which ends a completion with "length" anyway
-        max_tokens=max_model_len if req.max_tokens is None else req.max_tokens,
+        max_tokens=max_model_len if req.max_tokens is None else 1 if scores_only else req.max_tokens,
         stop=req.stop,
         stop_patterns=patterns,
         stop_token_ids=tuple(req.stop_token_ids or ()),
         seed=req.seed,
         logprobs=logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
         ignore_eos=bool(req.ignore_eos),
     )
     kwargs.update(_penalties(req))
@@ -171,6 +172,7 @@ def completion_job(req: CompletionRequest, max_model_len: int) -> CompletionJob:
         n=n,
         logprobs=req.logprobs,
         echo=bool(req.echo),
+        scores_only=scores_only,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options is not None and req.stream_options.include_usage),
     )
@@ -257,7 +259,8 @@ class LegacyLogprobs:
     `tokens`, `token_logprobs`, `top_logprobs` (token text -> logprob: the most
     likely tokens and the sampled one) and `text_offset` (where each token's
     text starts in the choice's text). A token that is not whole UTF-8 reads
-    `bytes:\\xNN...`; special tokens (`<|endoftext|>`) add no text.
+    `bytes:\\xNN...`; special tokens (`<|endoftext|>`) add no text. A token
+    without log-probabilities (an echoed prompt's first) has None for both.
     """
 
     def __init__(self, tokenizer, start: int = 0):
@@ -275,14 +278,18 @@ class LegacyLogprobs:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
-    def add(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> dict:
+    def add(self, token_ids: list[int], logprobs: list[Optional[dict[int, float]]]) -> dict:
         """The entries of these tokens (the next ones of the choice), with their log-probabilities."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, alternatives in zip(token_ids, logprobs):
             out["tokens"].append(self.token_text(token))
-            out["token_logprobs"].append(alternatives.get(token))
-            ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
-            out["top_logprobs"].append({self.token_text(t): lp for t, lp in ranked})
+            if alternatives is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(alternatives.get(token))
+                ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
+                out["top_logprobs"].append({self.token_text(t): lp for t, lp in ranked})
             out["text_offset"].append(self._offset)
             if self._tokenizer is not None and token not in self._special:
                 self._offset += len(self._utf8.decode(self._tokenizer.token_bytes(token)))
