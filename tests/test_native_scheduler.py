@@ -62,6 +62,7 @@ class Req:
     host_sampled: bool
     report_tokens: bool
     stop: list[str]
+    prompt_logprobs: bool = False
     seqs: list[int] = field(default_factory=list)
     removed: bool = False
 
@@ -178,6 +179,7 @@ class Harness:
         self.kv: dict[int, tuple[int, ...]] = {}  # slot -> the tokens whose K/V it holds
         self.pending: Step | None = None
         self.steps = 0
+        self.scored: dict[int, set[int]] = {}  # request -> prompt positions whose logits a step computed
 
     # ------------------------------------------------------------------ requests
 
@@ -194,8 +196,10 @@ class Harness:
         host_sampled: bool = False,
         report_tokens: bool = False,
         stop: tuple[str, ...] = (),
+        prompt_logprobs: bool = False,
     ) -> int:
         rc = _C.RequestConfig()
+        rc.prompt_logprobs = prompt_logprobs
         rc.n, rc.max_tokens, rc.ignore_eos = n, max_tokens, ignore_eos
         rc.stop_token_ids, rc.stop_strings = list(stop_token_ids), list(stop)
         rc.temperature, rc.top_k, rc.top_p = temperature, top_k, top_p
@@ -214,8 +218,10 @@ class Harness:
             host_sampled,
             report_tokens,
             list(stop),
+            prompt_logprobs,
         )
         self.reqs[rid] = req
+        self.scored[rid] = set()
         seqs = self.core.request_seqs(rid)
         assert len(seqs) == 1 and seqs[0] not in self.tokens
         s = seqs[0]
@@ -389,6 +395,7 @@ class Harness:
         copies = list(zip(self.buf["copy_src"][:C].tolist(), self.buf["copy_dst"][:C].tolist()))
         preempted, ambiguous = self._check_preemptions(before, after, rows, copies, preemptions)
         admitted = self._check_prefix_hits(before, after, running, preempted, ambiguous, hits)
+        self._check_prompt_rows(info, rows, samples)
         self._check_copies(copies, rows, before)
         self._forward(rows, copies)
         step = Step(info, rows, samples, copies, preempted, admitted)
@@ -524,6 +531,9 @@ class Harness:
         for s in admitted:
             nc = after[s]["num_computed"]
             assert nc % self.bs == 0 and nc <= (len(self.tokens[s]) - 1) // self.bs * self.bs
+            rid = self.seq_req[s]
+            if self.reqs[rid].prompt_logprobs:  # hits only over positions scored already (a prefix)
+                assert nc <= len(self.scored[rid]) // self.bs * self.bs
             if not self.cfg.enable_prefix_caching:
                 assert nc == 0
             hit += nc
@@ -533,6 +543,37 @@ class Harness:
         else:
             assert delta == hit
         return admitted
+
+    def _check_prompt_rows(self, info, rows: list[Row], samples: list[Sample]) -> None:
+        """Prompt rows: each prompt position of a scoring request computed in the step and not scored before.
+
+        In row order, beside the sampled rows under one cap; a prompt's first
+        sampled row comes with every position before it scored.
+        """
+        b, P = self.buf, info.num_prompt_logits
+        assert info.num_samples + P <= self.cfg.max_samples
+        qsl = b["query_start_loc"][: info.num_rows + 1].tolist()
+        expected = []
+        for r, row in enumerate(rows):
+            rid = self.seq_req[row.seq]
+            req = self.reqs[rid]
+            if not req.prompt_logprobs:
+                continue
+            for p in range(row.start, min(row.start + row.q, len(req.prompt) - 1)):
+                if p not in self.scored[rid]:
+                    expected.append((qsl[r] + p - row.start, rid, p))
+                    self.scored[rid].add(p)
+            assert self.scored[rid] == set(range(len(self.scored[rid])))
+        got = zip(
+            b["prompt_logits_indices"][:P].tolist(),
+            b["prompt_logits_request"][:P].tolist(),
+            b["prompt_logits_position"][:P].tolist(),
+        )
+        assert list(got) == expected
+        for smp in samples:
+            req = self.reqs[smp.request]
+            if req.prompt_logprobs:
+                assert self.scored[smp.request] == set(range(len(req.prompt) - 1))
 
     def _check_copies(self, copies: list[tuple[int, int]], rows: list[Row], before: dict[int, dict]) -> None:
         """A block shared before, copied for the one sequence about to write into it, to a block now its alone.
@@ -763,6 +804,7 @@ def _random_run(config: dict, seed: int, steps: int = 300) -> Harness:
             host_sampled=rng.random() < 0.2,
             report_tokens=rng.random() < 0.5,
             stop=tuple(random_stops(rng)) if rng.random() < 0.5 else (),
+            prompt_logprobs=rng.random() < 0.25,
         )
 
     def token() -> int:
