@@ -172,7 +172,11 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("max_samples", &SchedulerConfig::max_samples)
       .def_readwrite("watermark_blocks", &SchedulerConfig::watermark_blocks)
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
-      .def_readwrite("eos_token_ids", &SchedulerConfig::eos_token_ids);
+      .def_readwrite("eos_token_ids", &SchedulerConfig::eos_token_ids)
+      .def_readwrite("num_speculative_tokens", &SchedulerConfig::num_speculative_tokens)
+      .def_readwrite("ngram_min", &SchedulerConfig::ngram_min)
+      .def_readwrite("ngram_max", &SchedulerConfig::ngram_max)
+      .def_readwrite("speculative_max_rows", &SchedulerConfig::speculative_max_rows);
 
   py::class_<RequestConfig>(m, "RequestConfig")
       .def(py::init<>())
@@ -186,6 +190,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("host_sampled", &RequestConfig::host_sampled)
       .def_readwrite("report_tokens", &RequestConfig::report_tokens)
       .def_readwrite("prompt_logprobs", &RequestConfig::prompt_logprobs)
+      .def_readwrite("speculate", &RequestConfig::speculate)
       .def_readwrite("stop_token_ids", &RequestConfig::stop_token_ids)
       .def_readwrite("stop_strings", &RequestConfig::stop_strings);
 
@@ -215,7 +220,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("computed_tokens", &Stats::computed_tokens)
       .def_readonly("prefix_hit_tokens", &Stats::prefix_hit_tokens)
       .def_readonly("preemptions", &Stats::preemptions)
-      .def_readonly("block_copies", &Stats::block_copies);
+      .def_readonly("block_copies", &Stats::block_copies)
+      .def_readonly("spec_runs", &Stats::spec_runs)
+      .def_readonly("spec_proposed", &Stats::spec_proposed)
+      .def_readonly("spec_accepted", &Stats::spec_accepted);
 
   py::class_<BoundScheduler>(m, "Scheduler", "Continuous batching over the paged KV cache (see csrc/scheduler.h).")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))

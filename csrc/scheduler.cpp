@@ -16,6 +16,12 @@ SchedulerConfig resolved(SchedulerConfig cfg) {
     throw std::invalid_argument("max_num_seqs and max_model_len must be positive");
   }
   if (cfg.max_samples == 0) cfg.max_samples = default_max_samples(cfg.max_num_seqs);
+  if (cfg.num_speculative_tokens < 0 || cfg.speculative_max_rows < 0) {
+    throw std::invalid_argument("num_speculative_tokens and speculative_max_rows must be >= 0");
+  }
+  if (cfg.ngram_min < 1 || cfg.ngram_max < cfg.ngram_min) {
+    throw std::invalid_argument("ngram_min must be >= 1 and ngram_max >= ngram_min");
+  }
   return cfg;
 }
 
@@ -216,6 +222,7 @@ void Scheduler::remove_running(Sequence* s) {
 }
 
 void Scheduler::preempt(Sequence* s) {
+  s->draft.clear();
   remove_running(s);
   release_blocks(s);
   s->q_len = 0;
@@ -271,11 +278,68 @@ StepInfo Scheduler::schedule() {
   return write_step();
 }
 
-// 1. Decodes, oldest first; make room by preempting the youngest.
+// How many proposals s may verify this step: none unless it decodes one token of its own, and never
+// past max_tokens or the context end (the run's last token is drawn by the target).
+int32_t Scheduler::speculation_room(const Sequence* s) const {
+  const RequestConfig& c = s->req->cfg;
+  if (!c.speculate || samples_needed(s) != 1 || prompt_rows(s, 1) != 0) return 0;
+  const int64_t by_length = std::min<int64_t>(static_cast<int64_t>(c.max_tokens) - s->num_output(),
+                                              static_cast<int64_t>(cfg_.max_model_len) - s->num_tokens()) - 1;
+  return static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(cfg_.num_speculative_tokens, by_length)));
+}
+
+// Prompt lookup: an earlier occurrence of s's longest trailing n-gram proposes the up to `most` tokens
+// that followed it: the most recent occurrence followed by `most` tokens, else the one followed by
+// the most (a match just behind the end, inside a run that repeats, is followed by few).
+void Scheduler::propose_ngram(Sequence* s, int32_t most) const {
+  const std::vector<int32_t>& t = s->tokens;
+  const int32_t len = s->num_tokens();
+  for (int32_t n = std::min(cfg_.ngram_max, len - 1); n >= cfg_.ngram_min; --n) {
+    const int32_t* tail = t.data() + (len - n);
+    int32_t best_from = -1, best = 0;
+    for (int32_t start = len - n - 1; start >= 0 && best < most; --start) {
+      if (t[start] != tail[0] || !std::equal(tail, tail + n, t.data() + start)) continue;
+      const int32_t follow = std::min(most, len - (start + n));
+      if (follow > best) best = follow, best_from = start + n;
+    }
+    if (best_from >= 0) {
+      s->draft.assign(t.begin() + best_from, t.begin() + best_from + best);
+      return;
+    }
+  }
+}
+
+// 1. Decodes, oldest first; make room by preempting the youngest. With speculation, the rows and
+// tokens every decode needs are set aside first; proposals get what is left, oldest first.
 void Scheduler::schedule_decodes(Budget& budget) {
+  int32_t spare_rows = 0, spare_tokens = 0, ready = 0;
+  if (cfg_.num_speculative_tokens > 0) {
+    for (const Sequence* s : by_age_) ready += s->num_computed == s->num_tokens() - 1;
+    if (cfg_.speculative_max_rows == 0 || ready <= cfg_.speculative_max_rows) {
+      spare_rows = std::max(0, cfg_.max_samples - budget.samples - ready);
+      spare_tokens = std::max(0, budget.tokens - ready);
+    }
+  }
   for (size_t i = 0; i < by_age_.size(); ++i) {
     Sequence* s = by_age_[i];
+    s->draft.clear();
     if (s->num_computed != s->num_tokens() - 1 || budget.samples + logits_rows(s, 1) > cfg_.max_samples) continue;
+    const int32_t most = std::min({speculation_room(s), spare_rows, spare_tokens});
+    if (most > 0) {
+      propose_ngram(s, most);
+      const int32_t m = static_cast<int32_t>(s->draft.size());
+      // Only from blocks no other decode of the step may need.
+      const int32_t extra = blocks_for(s->num_computed + 1 + m) - static_cast<int32_t>(s->blocks.size());
+      if (m > 0 && extra + ready <= pool_.num_free() && reserve(s, 1 + m)) {
+        spare_rows -= m;
+        spare_tokens -= m;
+        s->q_len = 1 + m;
+        budget.tokens -= 1 + m;
+        budget.samples += 1 + m;
+        continue;
+      }
+      s->draft.clear();  // too few free blocks for the proposals: a plain decode
+    }
     bool ok = reserve(s, 1);
     while (!ok) {
       Sequence* victim = by_age_.back();
@@ -356,14 +420,18 @@ StepInfo Scheduler::write_step() {
     }
     const int32_t k = s->q_len, context = s->num_computed + k;
     write_tokens(s, info.num_tokens);
-    if (k > 0) write_prompt_logits(s, info.num_tokens, info);
+    if (!s->draft.empty()) {
+      write_verify_rows(s, info.num_tokens, info);
+    } else if (k > 0) {
+      write_prompt_logits(s, info.num_tokens, info);
+    }
     info.num_tokens += k;
     buf_.query_start_loc[r + 1] = info.num_tokens;
     buf_.context_lens[r] = context;
     info.max_query_len = std::max(info.max_query_len, k);
     info.max_context_len = std::max(info.max_context_len, context);
     min_q = std::min(min_q, k);
-    if (k > 0 && context == s->num_tokens()) write_samples(s, info.num_tokens - 1, info);
+    if (k > 0 && context == s->num_tokens() && s->draft.empty()) write_samples(s, info.num_tokens - 1, info);
   }
   stats_.computed_tokens += info.num_tokens;
   info.num_rows = static_cast<int32_t>(running_.size());
@@ -374,8 +442,9 @@ StepInfo Scheduler::write_step() {
 // s's tokens of the step, from index t of the step's tokens on.
 void Scheduler::write_tokens(const Sequence* s, int32_t t) {
   const int32_t bs = cfg_.block_size, start = s->num_computed;
+  const int32_t len = s->num_tokens();
   for (int32_t p = start; p < start + s->q_len; ++p, ++t) {
-    buf_.input_ids[t] = s->tokens[p];
+    buf_.input_ids[t] = p < len ? s->tokens[p] : s->draft[p - len];
     buf_.positions[t] = p;
     buf_.slot_mapping[t] = static_cast<int64_t>(s->blocks[p / bs]) * bs + p % bs;
   }
@@ -394,8 +463,28 @@ void Scheduler::write_samples(Sequence* s, int32_t logits_index, StepInfo& info)
     buf_.top_p[row] = c.top_p;
     buf_.sample_index[row] = index;
     buf_.sample_request[row] = s->req->id;
+    buf_.spec_token[row] = -1;
     if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
     samples_.emplace_back(index, s);
+  }
+}
+
+// A speculating sequence's rows, one per query token (its tokens start at index t of the step's):
+// row i checks proposal i; the last row draws the token after the last proposal.
+void Scheduler::write_verify_rows(Sequence* s, int32_t t, StepInfo& info) {
+  const RequestConfig& c = s->req->cfg;
+  const int32_t m = static_cast<int32_t>(s->draft.size());
+  for (int32_t i = 0; i <= m; ++i) {
+    const int32_t row = info.num_samples++;
+    buf_.logits_indices[row] = t + i;
+    buf_.temperature[row] = c.temperature;
+    buf_.top_k[row] = c.top_k;
+    buf_.top_p[row] = c.top_p;
+    buf_.sample_index[row] = s->index;
+    buf_.sample_request[row] = s->req->id;
+    buf_.spec_token[row] = i < m ? s->draft[i] : -1;
+    if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
+    samples_.emplace_back(s->index, s);
   }
 }
 
@@ -481,6 +570,7 @@ void Scheduler::finish(Sequence* s, int32_t reason, int64_t cut) {
     s->utf8.flush(s->text);
   }
   s->finish = reason;
+  s->draft.clear();
   if (s->running) remove_running(s);
   if (s->waiting) {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), s));
@@ -539,9 +629,11 @@ const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, i
                                 " sampled rows");
   }
   events_.clear();
-  // The step's tokens are in the cache now, and its block copies made.
+  std::fill(buf_.row_kept, buf_.row_kept + n, 0);
+  // The step's tokens are in the cache now, and its block copies made (a speculating sequence's last
+  // token; its proposals count once verified).
   for (Sequence* s : running_) {
-    s->num_computed += s->q_len;
+    s->num_computed += s->draft.empty() ? s->q_len : 1;
     if (s->req->cfg.prompt_logprobs) s->prompt_scored = std::max(s->prompt_scored, std::min(s->num_computed, s->num_prompt - 1));
     publish_computed(s);
     drop_copy_source(s);
@@ -551,10 +643,15 @@ const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, i
     auto [index, s] = samples_[j];
     // Aborted, stopped or removed since schedule(), or its request failed on an earlier row.
     if (s == nullptr || s->finish != kNotFinished) continue;
+    if (!s->draft.empty()) {
+      j = accept(s, j, sampled, finite) - 1;
+      continue;
+    }
     if (finite != nullptr && !finite[j]) {
       fail_request(s, j);
       continue;
     }
+    buf_.row_kept[j] = 1;
     Sequence* target = s;
     if (index != s->index) {
       target = fork(s, index);
@@ -571,6 +668,53 @@ const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, i
   for (Sequence* s : running_) s->q_len = 0;
   samples_.clear();
   return events_;
+}
+
+// The rows j.. of a speculating sequence: appends row tokens while each equals its proposal (and the
+// sequence runs); returns the row after its last. Each proposal kept was computed this step with the
+// context it now has, so it counts as computed before the next token is appended.
+int32_t Scheduler::accept(Sequence* s, int32_t j, const int32_t* sampled, const uint8_t* finite) {
+  const int32_t m = static_cast<int32_t>(s->draft.size());
+  int32_t last = j;
+  ++stats_.spec_runs;
+  stats_.spec_proposed += m;
+  for (int32_t i = 0; i <= m; ++i) {
+    const int32_t row = j + i;
+    if (finite != nullptr && !finite[row]) {
+      s->draft.clear();
+      fail_request(s, row);
+      return j + m + 1;
+    }
+    if (i > 0) {
+      ++s->num_computed;
+      publish_computed(s);
+    }
+    const int32_t token = sampled[row];
+    append(s, token);
+    buf_.row_kept[row] = 1;
+    last = row;
+    if (s->finish != kNotFinished || i == m || token != s->draft[i]) break;
+    ++stats_.spec_accepted;
+  }
+  s->draft.clear();
+  if (s->finish != kNotFinished) {
+    report(s, last, s->text.size());
+  } else {
+    trim_blocks(s);
+    if (s->req->cfg.report_tokens) report(s, last, stable_len(*s));
+  }
+  return j + m + 1;
+}
+
+// Frees the blocks past what s's tokens need: those held only for proposals that were rejected.
+void Scheduler::trim_blocks(Sequence* s) {
+  const int32_t keep = blocks_for(s->num_tokens());
+  if (static_cast<int32_t>(s->blocks.size()) <= keep) return;
+  while (static_cast<int32_t>(s->blocks.size()) > keep) {
+    pool_.decref(s->blocks.back());
+    s->blocks.pop_back();
+  }
+  if (s->slot >= 0) write_row(s);
 }
 
 size_t Scheduler::stable_len(const Sequence& s) const {

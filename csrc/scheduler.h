@@ -33,6 +33,19 @@
 // logits row too (prompt_logits_indices), sharing the sampled rows' cap
 // (max_samples), which limits its chunks; prefix-cache hits are taken only
 // over positions already scored (after a preemption, all of them).
+//
+// Speculative decoding (num_speculative_tokens k > 0): a sequence ready to
+// decode may run m <= k proposed tokens after its last one, in one step of
+// m + 1 query tokens with a sampled row at each; update() appends the row
+// tokens in order while each equals the proposal it checks, and stops at the
+// first that differs (the target's own token there) or when the sequence
+// ends. Whatever the proposer, that rule is exact: a proposal is kept only
+// where the target drew it. Proposals are never part of `tokens`: only
+// verified positions count as computed, so the prefix cache never sees an
+// unverified token, and blocks held only for rejected proposals are freed.
+// Proposers: prompt lookup (the most recent earlier occurrence of the
+// sequence's longest trailing n-gram, ngram_max down to ngram_min, proposes
+// the tokens that followed it), done here.
 #pragma once
 
 #include <algorithm>
@@ -59,6 +72,9 @@ struct SchedulerConfig {
   int32_t watermark_blocks = 0;          // kept free when admitting
   bool enable_prefix_caching = true;
   std::vector<int32_t> eos_token_ids;
+  int32_t num_speculative_tokens = 0;  // k: most proposals verified per sequence and step (0: no speculation)
+  int32_t ngram_min = 1, ngram_max = 4; // prompt lookup: the n-gram lengths matched
+  int32_t speculative_max_rows = 0;    // speculate only in steps with at most this many decoding sequences (0: any)
 };
 
 // The sampled rows of a step when max_samples is 0: a row per sequence, and as
@@ -78,6 +94,7 @@ struct RequestConfig {
   bool host_sampled = false;   // seeded, logprobs, penalties or logit bias: Python samples its rows itself
   bool report_tokens = false;  // an event for every token (streaming, stop patterns, logprobs)
   bool prompt_logprobs = false; // logits rows at every prompt position (the prompt's own log-probabilities)
+  bool speculate = true;        // may verify proposals (not with penalties, whose logits depend on each token drawn)
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> stop_strings;  // UTF-8
 };
@@ -106,6 +123,7 @@ struct Sequence {
   int32_t num_prompt = 0;
   int32_t num_computed = 0;   // tokens whose K/V are in the cache
   int32_t prompt_scored = 0;  // prompt_logprobs: positions [0, prompt_scored) had their logits computed
+  std::vector<int32_t> draft; // proposals verified this step, after the last token (not in `tokens`)
   std::vector<int32_t> blocks;
   std::vector<BlockHash> hashes;  // of the full blocks of `tokens`, as far as computed
   int32_t num_published = 0;      // blocks published to the prefix cache
@@ -176,6 +194,8 @@ enum class Capacity : int32_t { kTokens, kRows, kSamples, kBlockTable };
   X(prompt_logits_indices, int64_t, "int64", kSamples, num_prompt_logits, 0, true)  /* token of each prompt row */   \
   X(prompt_logits_request, int64_t, "int64", kSamples, num_prompt_logits, 0, false)                                    \
   X(prompt_logits_position, int32_t, "int32", kSamples, num_prompt_logits, 0, false) /* scores prompt token p + 1 */ \
+  X(spec_token, int32_t, "int32", kSamples, num_samples, 0, false)  /* the proposal a row checks; -1: none */           \
+  X(row_kept, int32_t, "int32", kSamples, num_samples, 0, false)    /* update(): 1 if the row's token was appended */   \
   X(copy_src, int64_t, "int64", kRows, num_copies, 0, false)                    /* copies before the forward */        \
   X(copy_dst, int64_t, "int64", kRows, num_copies, 0, false)
 
@@ -244,6 +264,9 @@ struct Stats {
   int64_t prefix_hit_tokens = 0; // prompt tokens found in the prefix cache
   int64_t preemptions = 0;
   int64_t block_copies = 0;
+  int64_t spec_runs = 0;         // sequences that verified proposals in a step
+  int64_t spec_proposed = 0;     // proposals verified
+  int64_t spec_accepted = 0;     // of those, kept
 };
 
 class Scheduler {
@@ -306,12 +329,17 @@ class Scheduler {
   int32_t prompt_room(Sequence* s, int32_t chunk);
   void take(Sequence* s, int32_t chunk, Budget& budget);
   void schedule_decodes(Budget& budget);
+  int32_t speculation_room(const Sequence* s) const;
+  void propose_ngram(Sequence* s, int32_t most) const;
+  int32_t accept(Sequence* s, int32_t j, const int32_t* sampled, const uint8_t* finite);
+  void trim_blocks(Sequence* s);
   void continue_prompts(Budget& budget);
   void admit_waiting(Budget& budget);
   StepInfo write_step();
   void write_tokens(const Sequence* s, int32_t t);
   void write_samples(Sequence* s, int32_t logits_index, StepInfo& info);
   void write_prompt_logits(const Sequence* s, int32_t t, StepInfo& info);
+  void write_verify_rows(Sequence* s, int32_t t, StepInfo& info);
   void admit(Sequence* s);
   void remove_running(Sequence* s);
   void preempt(Sequence* s);

@@ -22,6 +22,16 @@ import torch
 # many shards (a TPU-v4 leftover); see `convert.py`.
 QKV_SHARDS = 4
 
+# Speculative decoding. NGRAM names the prompt-lookup proposer.
+NGRAM = "[ngram]"
+DEFAULT_SPECULATIVE_TOKENS = 4
+MAX_SPECULATIVE_TOKENS = 32
+# A step of R decoding sequences verifying k = 4 proposals each runs 5R tokens. A half-precision
+# matmul on an H100 is bound by reading its weights up to about 295 tokens (989 TFLOP/s over
+# 3.35 TB/s, 2 FLOPs per 2-byte weight and token); 32 rows (160 tokens) stay well inside that,
+# so rejected proposals cost little there. Beyond it speculation is turned down.
+DEFAULT_SPECULATIVE_MAX_ROWS = 32
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -255,6 +265,20 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV cache of prompt prefixes computed
             before (full blocks).
         enforce_eager: never use CUDA graphs.
+        speculative_model: "[ngram]" for speculative decoding with prompt
+            lookup (the sequence's longest trailing n-gram found earlier in
+            its prompt or output proposes the tokens that followed it), or
+            None. Exact: outputs are distributed as without it (greedy ones
+            are the same tokens).
+        num_speculative_tokens: most proposals verified per sequence and step
+            (default 4 with a speculative_model, else 0).
+        ngram_min, ngram_max: the n-gram lengths prompt lookup matches,
+            longest first.
+        speculative_max_rows: speculate only in steps with at most this many
+            decoding sequences (0: always). A step verifying k proposals for
+            each of R sequences runs R * (k + 1) tokens; past the point where
+            that many tokens make a forward compute-bound rather than bound by
+            reading the weights, rejected proposals cost real time.
     """
 
     model: str
@@ -274,6 +298,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    speculative_model: Optional[str] = None
+    num_speculative_tokens: int = 0
+    ngram_min: int = 1
+    ngram_max: int = 4
+    speculative_max_rows: int = DEFAULT_SPECULATIVE_MAX_ROWS
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "triton"):
@@ -302,6 +331,24 @@ class EngineConfig:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.speculative_model not in (None, NGRAM):
+            raise ValueError(
+                f"speculative_model must be {NGRAM!r} (prompt lookup) or None, got {self.speculative_model!r}: "
+                "speculation with a draft model is not available in this version"
+            )
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "speculative_max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, got "
+                             f"{self.ngram_min} and {self.ngram_max}")
+        if self.num_speculative_tokens and self.speculative_model is None:
+            raise ValueError("num_speculative_tokens needs a speculative_model ('[ngram]')")
 
     @property
     def max_samples(self) -> int:

@@ -24,7 +24,13 @@ from typing import Sequence as Seq
 
 import torch
 
-from .config import EngineConfig, check_max_model_len, engine_options
+from .config import (
+    DEFAULT_SPECULATIVE_MAX_ROWS,
+    DEFAULT_SPECULATIVE_TOKENS,
+    EngineConfig,
+    check_max_model_len,
+    engine_options,
+)
 from .kv_cache import num_kv_blocks
 from .loading import load_config, load_model_weights, load_tokenizer
 from .model_runner import ModelRunner
@@ -94,11 +100,20 @@ class Engine:
         max_num_batched_tokens: int = 8192,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
+        speculative_model: Optional[str] = None,
+        num_speculative_tokens: Optional[int] = None,
+        ngram_min: int = 1,
+        ngram_max: int = 4,
+        speculative_max_rows: int = DEFAULT_SPECULATIVE_MAX_ROWS,
         progress: bool = True,
     ):
+        if num_speculative_tokens is None:
+            num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS if speculative_model is not None else 0
         opts = engine_options(
             device, dtype, backend, seed, gpu_memory_utilization, max_model_len=max_model_len, block_size=block_size,
             kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min, ngram_max=ngram_max,
+            speculative_max_rows=speculative_max_rows,
         )  # fmt: skip
         self.progress = progress
         m, source = load_config(model, load_format, revision, download, cache_dir, opts["dtype"], progress)
@@ -106,7 +121,8 @@ class Engine:
         opts["max_model_len"] = check_max_model_len(opts["max_model_len"], m)
         self.model_config, self.config = m, EngineConfig(
             model, load_format=load_format, revision=revision, download=download, cache_dir=cache_dir,
-            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, **opts,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            speculative_model=speculative_model, **opts,
         )  # fmt: skip
         self.tokenizer = load_tokenizer(tokenizer, source, model)
         c = self.config

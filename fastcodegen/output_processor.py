@@ -115,9 +115,10 @@ class OutputProcessor:
                     c.text, c.finish_reason, c.stop_reason = c.text[: hit[0]], "stop", hit[1]
                     self._count_finished(req)
             req.owner.unread.add(core_id)
+        kept = step.arrays["row_kept"]  # a speculating sequence's rows past its last kept token add nothing
         for row, lp in sampled.logprobs.items():
             req = self.requests.get(int(step.sample_request[row]))
-            if req is not None and req.error is None:
+            if req is not None and req.error is None and kept[row]:
                 req.completion(int(step.sample_index[row])).logprobs.append(lp)
 
     def _finish(self, req: RequestState, c, finish: int) -> None:

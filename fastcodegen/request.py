@@ -11,15 +11,20 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
-import torch
 
 from .sampling_params import SamplingParams
 from .stopping import PatternStops
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A generator seed per (request seed, completion index), mixed so neighbours don't collide."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+def sample_seed(seed: int, index: int, place: int) -> int:
+    """The noise seed of a completion's token: per (request seed, completion index, place in the completion).
+
+    Mixed (splitmix64's finaliser) so that neighbouring seeds, indices and places do not collide.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + place * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 class Reader:
@@ -59,7 +64,6 @@ class RequestState:
     finished: bool = False
     error: Optional[str] = None  # why the request failed, if it did
     completions: dict[int, Completion] = field(default_factory=dict)  # by completion index
-    generators: dict[int, torch.Generator] = field(default_factory=dict)  # completion index -> its generator
     # params.prompt_logprobs set: per prompt token, its logprobs given the ones before (None: the first token)
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
     _bias: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, init=False, repr=False)
@@ -77,15 +81,6 @@ class RequestState:
         if c is None:
             c = self.completions[index] = Completion(index)
         return c
-
-    def generator(self, index: int, device: torch.device) -> torch.Generator:
-        """The seeded generator of completion `index` (seeded requests only)."""
-        gen = self.generators.get(index)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(sample_seed(self.params.seed, index))
-            self.generators[index] = gen
-        return gen
 
     def logit_bias(self) -> tuple[np.ndarray, np.ndarray]:
         """params.logit_bias as arrays, built once: token ids (int64) and biases (float64)."""

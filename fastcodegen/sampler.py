@@ -10,9 +10,12 @@ flagged rather than sampled from: their token would be meaningless.
 
 Sampling uses the exponential race: `argmax(p / q)` with q ~ Exp(1) i.i.d. is
 distributed exactly as Categorical(p). All rows are sampled at once with the
-engine's generator; a seeded request's rows then redraw their noise from the
-request's own generator, so a seeded request gives the same tokens whatever
-else shares its batch. Rows with temperature 0 take the argmax.
+engine's generator; a seeded request's rows then redraw their noise from a
+generator seeded by (the request's seed, the completion, the token's place
+in it), so a seeded request gives the same tokens whatever else shares its
+batch, and whether or not its tokens are speculated (a row verifying a
+proposal draws the noise the token at its place would get anyway). Rows
+with temperature 0 take the argmax.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .request import sample_seed
 
 
 @dataclass
@@ -35,7 +40,7 @@ class SamplingInputs:
     host_temperature: np.ndarray  # the same, in host memory: decides which paths run without a device sync
     host_top_k: np.ndarray
     host_top_p: np.ndarray
-    generators: dict[int, torch.Generator]  # row -> the row's own generator (seeded requests)
+    seeds: dict[int, int]  # row -> the seed of its noise (seeded requests)
     logprobs: dict[int, int]  # row -> how many top logprobs it wants
     adjust_index: Optional[torch.Tensor] = None  # [2, N] int64 on the logits' device: (row, token), each pair once
     adjust_value: Optional[torch.Tensor] = None  # [N] float32: what penalties and biases add to those logits
@@ -50,12 +55,13 @@ class SamplingInputs:
         its penalties (from their completion's token counts) and logit bias.
         """
         host = step.arrays
-        generators, logprobs, counted, parts = {}, {}, [], []
+        seeds, logprobs, counted, parts = {}, {}, [], []
         for row in host["host_sampled_rows"].tolist() if requests is not None else ():
             req = requests[int(host["sample_request"][row])]
             p = req.params
-            if p.seed is not None:
-                generators[row] = req.generator(int(host["sample_index"][row]), device)
+            if p.seed is not None:  # the place in the completion of the token this row draws
+                place = int(host["positions"][host["logits_indices"][row]]) + 1 - len(req.prompt_token_ids)
+                seeds[row] = sample_seed(p.seed, int(host["sample_index"][row]), place)
             if p.logprobs is not None:
                 logprobs[row] = p.logprobs
             if p.adjusts_logits:
@@ -71,7 +77,7 @@ class SamplingInputs:
         index, value = logit_adjustment(parts, on_device.temperature.device) if parts else (None, None)
         return cls(
             on_device.temperature, on_device.top_k, on_device.top_p,
-            host["temperature"], host["top_k"], host["top_p"], generators, logprobs, index, value, counted,
+            host["temperature"], host["top_k"], host["top_p"], seeds, logprobs, index, value, counted,
         )  # fmt: skip
 
     def count(self, sampled: Sampled) -> None:
@@ -157,6 +163,7 @@ class Sampler:
     def __init__(self, vocab_limit: int, generator: torch.Generator):
         self.vocab_limit = vocab_limit
         self.generator = generator
+        self._seeded = torch.Generator(device=generator.device)  # reseeded for each seeded row
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> Sampled:
@@ -179,8 +186,8 @@ class Sampler:
             else:
                 probs = (scores / temperature[:, None]).softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for row, generator in inputs.generators.items():
-                noise[row].exponential_(generator=generator)
+            for row, seed in inputs.seeds.items():
+                noise[row].exponential_(generator=self._seeded.manual_seed(seed))
             noise.clamp_(min=torch.finfo(torch.float32).tiny)
             tokens = torch.where(inputs.temperature > 0, (probs / noise).argmax(dim=-1), tokens)
         # One device-to-host copy for both: the tokens, and whether each row's logits were finite.

@@ -36,10 +36,23 @@ class SchedulerStats:
     prefix_hit_tokens: int  # prompt tokens found in the prefix cache
     preemptions: int
     block_copies: int
+    spec_runs: int  # sequences that verified proposals in a step (speculative decoding)
+    spec_proposed: int  # proposals verified
+    spec_accepted: int  # of those, kept
     num_running: int  # sequences
     num_waiting: int
     num_free_blocks: int  # KV blocks no sequence holds (cached prefixes included: they are evictable)
     num_blocks: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of verified proposals that were kept (0 without speculation)."""
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Proposals kept per verifying sequence and step (each such step also adds the target's own token)."""
+        return self.spec_accepted / self.spec_runs if self.spec_runs else 0.0
 
 
 class Scheduler:
@@ -59,6 +72,9 @@ class Scheduler:
         c.watermark_blocks = max(1, num_blocks // 100)
         c.enable_prefix_caching = config.enable_prefix_caching
         c.eos_token_ids = list(eos_token_ids)
+        c.num_speculative_tokens = config.num_speculative_tokens
+        c.ngram_min, c.ngram_max = config.ngram_min, config.ngram_max
+        c.speculative_max_rows = config.speculative_max_rows
         self._core = _C.Scheduler(c)
         self.fields = [StepField.from_native(row) for row in self._core.step_fields()]
         self._host = StepBuffers(self.fields, torch.device("cpu"), pin=config.device.type == "cuda")
@@ -83,6 +99,8 @@ class Scheduler:
         c.host_sampled = params.seed is not None or params.logprobs is not None or params.adjusts_logits
         c.report_tokens = report_tokens
         c.prompt_logprobs = params.prompt_logprobs is not None
+        # Penalties change each row's logits by the tokens drawn before it: such requests decode one token a step.
+        c.speculate = not (params.presence_penalty or params.frequency_penalty)
         c.stop_token_ids = list(params.stop_token_ids)
         c.stop_strings = list(params.stop)
         return self._core.add_request(prompt, c)
@@ -141,7 +159,7 @@ class Scheduler:
         s, pool = self._core.stats, self._core.pool
         return SchedulerStats(
             s.computed_tokens, s.prefix_hit_tokens, s.preemptions, s.block_copies,
-            self._core.num_running, self._core.num_waiting, pool.num_free, pool.num_blocks,
+            s.spec_runs, s.spec_proposed, s.spec_accepted, self._core.num_running, self._core.num_waiting, pool.num_free, pool.num_blocks,
         )  # fmt: skip
 
     def check(self) -> None:

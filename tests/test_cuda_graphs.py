@@ -65,7 +65,7 @@ def _greedy_inputs(step):
         host_temperature=step.temperature.numpy(),
         host_top_k=step.top_k.numpy(),
         host_top_p=step.top_p.numpy(),
-        generators={},
+        seeds={},
         logprobs={},
     )
 

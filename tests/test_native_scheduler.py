@@ -1262,7 +1262,7 @@ def test_finish_reasons_are_exported():
 FIELD_NAMES = [
     "input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens", "block_tables", "logits_indices",
     "temperature", "top_k", "top_p", "sample_index", "sample_request", "host_sampled_rows", "prompt_logits_indices", "prompt_logits_request",
-    "prompt_logits_position", "copy_src", "copy_dst",
+    "prompt_logits_position", "spec_token", "row_kept", "copy_src", "copy_dst",
 ]  # fmt: skip
 
 
@@ -1298,6 +1298,8 @@ def test_step_fields_follow_the_config(max_samples):
         "prompt_logits_indices": ("int64", (S,), "num_prompt_logits", 0, True),
         "prompt_logits_request": ("int64", (S,), "num_prompt_logits", 0, False),
         "prompt_logits_position": ("int32", (S,), "num_prompt_logits", 0, False),
+        "spec_token": ("int32", (S,), "num_samples", 0, False),
+        "row_kept": ("int32", (S,), "num_samples", 0, False),
         "copy_src": ("int64", (R,), "num_copies", 0, False),
         "copy_dst": ("int64", (R,), "num_copies", 0, False),
     }

@@ -74,11 +74,11 @@ def test_sampled_frequencies_match_the_distribution(fresh_seed):
             assert abs(f - p) <= 5 * sd + 1e-12, (kwargs, freq.tolist(), expected)
 
 
-def sampling_inputs(temperature, top_k, top_p, device, generators=None, logprobs=None) -> SamplingInputs:
+def sampling_inputs(temperature, top_k, top_p, device, seeds=None, logprobs=None) -> SamplingInputs:
     """SamplingInputs of host tensors (on the CPU the logits' device too)."""
     assert device.type == "cpu"
     return SamplingInputs(
-        temperature, top_k, top_p, temperature.numpy(), top_k.numpy(), top_p.numpy(), generators or {}, logprobs or {}
+        temperature, top_k, top_p, temperature.numpy(), top_k.numpy(), top_p.numpy(), seeds or {}, logprobs or {}
     )
 
 
@@ -115,8 +115,7 @@ def test_seeded_row_ignores_the_shared_generator(fresh_seed):
     runs = []
     for shared_seed in (1, 2):
         sampler = Sampler(50, torch.Generator().manual_seed(shared_seed))
-        own = torch.Generator().manual_seed(7)
-        runs.append(sampler(logits, _inputs(3, generators={1: own})).tokens)
+        runs.append(sampler(logits, _inputs(3, seeds={1: 7})).tokens)
     assert runs[0][1] == runs[1][1]
 
 
