@@ -706,9 +706,10 @@ int32_t Scheduler::accept(Sequence* s, int32_t j, const int32_t* sampled, const 
   return j + m + 1;
 }
 
-// Frees the blocks past what s's tokens need: those held only for proposals that were rejected.
+// Frees the blocks past s's computed tokens (held only for rejected proposals): s then holds what a
+// plain decode step would have left it.
 void Scheduler::trim_blocks(Sequence* s) {
-  const int32_t keep = blocks_for(s->num_tokens());
+  const int32_t keep = blocks_for(s->num_computed);
   if (static_cast<int32_t>(s->blocks.size()) <= keep) return;
   while (static_cast<int32_t>(s->blocks.size()) > keep) {
     pool_.decref(s->blocks.back());
