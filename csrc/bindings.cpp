@@ -158,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
   FASTCODEGEN_FINISH_REASONS(FASTCODEGEN_FINISH_NAME)
 #undef FASTCODEGEN_FINISH_NAME
   m.attr("FINISH_REASONS") = reasons;  // finish code -> the finish_reason Python reports
+  m.attr("DRAFT_PENDING") = kDraftPending;  // spec_token of a proposal row a draft model has yet to fill
   m.attr("NOT_FINISHED") = static_cast<int>(kNotFinished);
   m.def("default_max_samples", &default_max_samples, py::arg("max_num_seqs"),
         "Sampled rows of a step when SchedulerConfig.max_samples is 0 (the engine's setting).");
@@ -176,7 +177,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_speculative_tokens", &SchedulerConfig::num_speculative_tokens)
       .def_readwrite("ngram_min", &SchedulerConfig::ngram_min)
       .def_readwrite("ngram_max", &SchedulerConfig::ngram_max)
-      .def_readwrite("speculative_max_rows", &SchedulerConfig::speculative_max_rows);
+      .def_readwrite("speculative_max_rows", &SchedulerConfig::speculative_max_rows)
+      .def_readwrite("draft_proposals", &SchedulerConfig::draft_proposals);
 
   py::class_<RequestConfig>(m, "RequestConfig")
       .def(py::init<>())

@@ -326,7 +326,11 @@ void Scheduler::schedule_decodes(Budget& budget) {
     if (s->num_computed != s->num_tokens() - 1 || budget.samples + logits_rows(s, 1) > cfg_.max_samples) continue;
     const int32_t most = std::min({speculation_room(s), spare_rows, spare_tokens});
     if (most > 0) {
-      propose_ngram(s, most);
+      if (cfg_.draft_proposals) {
+        s->draft.assign(most, kDraftPending);
+      } else {
+        propose_ngram(s, most);
+      }
       const int32_t m = static_cast<int32_t>(s->draft.size());
       // Only from blocks no other decode of the step may need.
       const int32_t extra = blocks_for(s->num_computed + 1 + m) - static_cast<int32_t>(s->blocks.size());
@@ -693,7 +697,8 @@ int32_t Scheduler::accept(Sequence* s, int32_t j, const int32_t* sampled, const 
     append(s, token);
     buf_.row_kept[row] = 1;
     last = row;
-    if (s->finish != kNotFinished || i == m || token != s->draft[i]) break;
+    // The proposal as the step's buffer holds it: a draft model's was written there after schedule().
+    if (s->finish != kNotFinished || i == m || token != buf_.spec_token[row]) break;
     ++stats_.spec_accepted;
   }
   s->draft.clear();

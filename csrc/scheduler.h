@@ -43,9 +43,11 @@
 // where the target drew it. Proposals are never part of `tokens`: only
 // verified positions count as computed, so the prefix cache never sees an
 // unverified token, and blocks held only for rejected proposals are freed.
-// Proposers: prompt lookup (the most recent earlier occurrence of the
-// sequence's longest trailing n-gram, ngram_max down to ngram_min, proposes
-// the tokens that followed it), done here.
+// Proposers: prompt lookup (an earlier occurrence of the sequence's longest
+// trailing n-gram, ngram_max down to ngram_min, proposes the tokens that
+// followed it), done here; or a draft model (draft_proposals): schedule()
+// leaves kDraftPending in the proposals' input ids and spec_token rows, and
+// the caller writes the draft's tokens into both before update().
 #pragma once
 
 #include <algorithm>
@@ -75,7 +77,11 @@ struct SchedulerConfig {
   int32_t num_speculative_tokens = 0;  // k: most proposals verified per sequence and step (0: no speculation)
   int32_t ngram_min = 1, ngram_max = 4; // prompt lookup: the n-gram lengths matched
   int32_t speculative_max_rows = 0;    // speculate only in steps with at most this many decoding sequences (0: any)
+  bool draft_proposals = false;        // the caller proposes (a draft model) instead of prompt lookup
 };
+
+// spec_token of a proposal row the caller's draft model has yet to fill.
+inline constexpr int32_t kDraftPending = -2;
 
 // The sampled rows of a step when max_samples is 0: a row per sequence, and as
 // many again for n-sample forks.

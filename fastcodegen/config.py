@@ -265,11 +265,13 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV cache of prompt prefixes computed
             before (full blocks).
         enforce_eager: never use CUDA graphs.
-        speculative_model: "[ngram]" for speculative decoding with prompt
-            lookup (the sequence's longest trailing n-gram found earlier in
-            its prompt or output proposes the tokens that followed it), or
-            None. Exact: outputs are distributed as without it (greedy ones
-            are the same tokens).
+        speculative_model: speculative decoding's proposer: "[ngram]" for
+            prompt lookup (the sequence's longest trailing n-gram found
+            earlier in its prompt or output proposes the tokens that followed
+            it), or a draft model (a name or directory, as for `model`: a
+            smaller CodeGen with the same tokenizer); None: off. Exact:
+            outputs are distributed as without it (greedy ones are the same
+            tokens).
         num_speculative_tokens: most proposals verified per sequence and step
             (default 4 with a speculative_model, else 0).
         ngram_min, ngram_max: the n-gram lengths prompt lookup matches,
@@ -331,10 +333,12 @@ class EngineConfig:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
-        if self.speculative_model not in (None, NGRAM):
+        if self.speculative_model is not None and (
+            not isinstance(self.speculative_model, str) or not self.speculative_model.strip()
+        ):
             raise ValueError(
-                f"speculative_model must be {NGRAM!r} (prompt lookup) or None, got {self.speculative_model!r}: "
-                "speculation with a draft model is not available in this version"
+                f"speculative_model must be {NGRAM!r} (prompt lookup), a draft model's name or directory, or None, "
+                f"got {self.speculative_model!r}"
             )
         for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "speculative_max_rows"):
             value = getattr(self, name)
@@ -348,7 +352,12 @@ class EngineConfig:
             raise ValueError(f"ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, got "
                              f"{self.ngram_min} and {self.ngram_max}")
         if self.num_speculative_tokens and self.speculative_model is None:
-            raise ValueError("num_speculative_tokens needs a speculative_model ('[ngram]')")
+            raise ValueError("num_speculative_tokens needs a speculative_model ('[ngram]' or a draft model)")
+
+    @property
+    def draft_model(self) -> Optional[str]:
+        """The draft model speculative decoding uses, if it uses one (not prompt lookup)."""
+        return self.speculative_model if self.speculative_model not in (None, NGRAM) else None
 
     @property
     def max_samples(self) -> int:

@@ -32,7 +32,7 @@ from .config import (
     engine_options,
 )
 from .kv_cache import num_kv_blocks
-from .loading import load_config, load_model_weights, load_tokenizer
+from .loading import load_config, load_draft, load_model_weights, load_tokenizer
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import GenerationError, RequestOutput
@@ -127,10 +127,12 @@ class Engine:
         self.tokenizer = load_tokenizer(tokenizer, source, model)
         c = self.config
         weights = load_model_weights(source, m, c.device, c.dtype, c.seed, progress)
-        num_blocks = num_kv_blocks(m, c, weights.nbytes())
-        self._scheduler = Scheduler(c, num_blocks, m.eos_token_ids, self.tokenizer)
         self.vocab_limit = self.tokenizer.vocab_limit if self.tokenizer else m.vocab_size
-        self._runner = ModelRunner(m, c, weights, num_blocks, self._scheduler.fields, self.vocab_limit)
+        draft = load_draft(c, m, self.tokenizer, self.vocab_limit, progress) if c.draft_model else None
+        draft_bytes = draft[1].nbytes() if draft else 0
+        num_blocks = num_kv_blocks(m, c, weights.nbytes() + draft_bytes, draft[0] if draft else None)
+        self._scheduler = Scheduler(c, num_blocks, m.eos_token_ids, self.tokenizer)
+        self._runner = ModelRunner(m, c, weights, num_blocks, self._scheduler.fields, self.vocab_limit, draft)
         self._outputs = OutputProcessor(self._scheduler)
         self._limits = Limits(self.vocab_limit, m.vocab_size, c.max_model_len, c.max_num_seqs)
         self._step_reader = Reader()  # the reader of add_request's requests: step()

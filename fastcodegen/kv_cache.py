@@ -8,6 +8,8 @@ its key. Keys are stored after rotary, in the model's dtype.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .config import EngineConfig, ModelConfig
@@ -69,7 +71,9 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
 SAMPLER_BYTES_PER_LOGIT = 12 * 4 + 8
 
 
-def num_kv_blocks(model: ModelConfig, engine: EngineConfig, weight_bytes: int) -> int:
+def num_kv_blocks(
+    model: ModelConfig, engine: EngineConfig, weight_bytes: int, draft: Optional[ModelConfig] = None
+) -> int:
     """How many KV blocks to allocate; at least one full-length sequence must fit.
 
     With `kv_cache_tokens` set, that many tokens. Otherwise, on the CPU,
@@ -78,9 +82,13 @@ def num_kv_blocks(model: ModelConfig, engine: EngineConfig, weight_bytes: int) -
     (`weight_bytes`) and working memory (`activation_bytes`), and never more
     than is available now, counting memory PyTorch holds cached but unused as
     available. Other engines in the process (and freed memory PyTorch keeps)
-    are not charged to this one's share.
+    are not charged to this one's share. A `draft` model keeps a cache of as
+    many blocks: each block costs both (`weight_bytes` then counts both
+    models' weights).
     """
     block_bytes = engine.block_size * model.kv_bytes_per_token(engine.dtype)
+    if draft is not None:
+        block_bytes += engine.block_size * draft.kv_bytes_per_token(engine.dtype)
     min_blocks = -(-engine.max_model_len // engine.block_size)
     if engine.kv_cache_tokens is not None:
         return -(-engine.kv_cache_tokens // engine.block_size)

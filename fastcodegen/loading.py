@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import hub, registry
-from .config import ModelConfig, read_checkpoint_config
+from .config import EngineConfig, ModelConfig, read_checkpoint_config
 from .integrity import verify_converted
 from .tokenizer import Tokenizer
 from .weights import CodeGenWeights, dummy_weights, is_converted, load_weights, read_converted_config
@@ -84,3 +84,43 @@ def load_model_weights(
         return dummy_weights(config, device, dtype, seed=seed)
     verify_converted(source, progress=progress)
     return load_weights(source, config, device, dtype, progress=progress)
+
+
+def load_draft(
+    engine: EngineConfig, target: ModelConfig, tokenizer: Optional[Tokenizer], vocab_limit: int, progress: bool
+) -> tuple[ModelConfig, CodeGenWeights]:
+    """The draft model of `engine.speculative_model`: its config and weights, on the target's device and dtype.
+
+    Raises ValueError unless it shares the target's vocabulary (the same
+    tokenizer: every token's bytes and the special tokens, or, without
+    tokenizers, the same vocabulary size) and covers the engine's context.
+    """
+    name = engine.draft_model
+    m, source = load_config(
+        name, engine.load_format, None, engine.download, engine.cache_dir, engine.dtype, progress
+    )
+    draft_tokenizer = load_tokenizer(None, source, name)
+    if tokenizer is not None:
+        if draft_tokenizer is None:
+            raise ValueError(f"speculative_model {name!r} has no tokenizer: a draft must share the target's")
+        same = (
+            draft_tokenizer.vocab_limit == tokenizer.vocab_limit
+            and draft_tokenizer.special_ids == tokenizer.special_ids
+            and all(draft_tokenizer.token_bytes(i) == tokenizer.token_bytes(i) for i in range(tokenizer.vocab_limit))
+        )
+        if not same:
+            raise ValueError(
+                f"speculative_model {name!r} does not share the target's tokenizer: its {draft_tokenizer.vocab_limit} "
+                f"token ids are not the target's {tokenizer.vocab_limit} (a draft must propose the target's tokens)"
+            )
+    elif m.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"speculative_model {name!r} has a vocabulary of {m.vocab_size} ids, the target {target.vocab_size}"
+        )
+    if m.vocab_size < vocab_limit:
+        raise ValueError(f"speculative_model {name!r} has {m.vocab_size} output ids, fewer than the {vocab_limit} tokens")
+    if m.n_positions < engine.max_model_len:
+        raise ValueError(
+            f"speculative_model {name!r} covers {m.n_positions} positions, less than max_model_len={engine.max_model_len}"
+        )
+    return m, load_model_weights(source, m, engine.device, engine.dtype, engine.seed, progress)

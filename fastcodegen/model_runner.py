@@ -20,6 +20,7 @@ import torch
 
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import CudaGraphs, default_buckets
+from .draft import DraftModel, Proposals
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
 from .models.ops import make_ops
@@ -40,8 +41,13 @@ class ModelRunner:
         num_blocks: int,
         step_fields: list[StepField],
         vocab_limit: int,
+        draft: Optional[tuple[ModelConfig, CodeGenWeights]] = None,
     ):
-        """`vocab_limit`: tokens are sampled below it (the tokenizer's ids, at most the model's vocabulary)."""
+        """`vocab_limit`: tokens are sampled below it (the tokenizer's ids, at most the model's vocabulary).
+
+        `draft`: a draft model for speculative decoding (its config and weights), run beside the target with a
+        KV cache of its own addressed by the same block tables.
+        """
         self.device = engine_config.device
         ops = make_ops(model_config, engine_config.backend, self.device, engine_config.max_model_len)
         self.model = CodeGenModel(model_config, weights, ops)
@@ -52,6 +58,12 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(engine_config.seed)
         self.sampler = Sampler(min(vocab_limit, model_config.vocab_size), generator)
+        self.draft: Optional[DraftModel] = None
+        if draft is not None:
+            d_config, d_weights = draft
+            d_ops = make_ops(d_config, engine_config.backend, self.device, engine_config.max_model_len)
+            d_cache = KVCache(d_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
+            self.draft = DraftModel(CodeGenModel(d_config, d_weights, d_ops), d_cache, self.sampler.vocab_limit, generator)
         self._dev: Optional[StepBuffers] = None
         if self.device.type == "cuda":
             self._dev = StepBuffers([f for f in step_fields if f.on_device], self.device)
@@ -66,9 +78,12 @@ class ModelRunner:
         Completions with penalties count the tokens drawn for them here: every
         sampled token is appended to its sequence by the scheduler's update.
         """
-        logits = self.execute(step)
+        logits, proposals = self._forward(step, requests)
         inputs = SamplingInputs.of(step, self._on_device(step), requests, self.device)
+        inputs.proposals = proposals
         sampled = self.sampler(logits[: step.num_samples], inputs)
+        if proposals is not None:  # what the scheduler checks the drawn tokens against
+            step.arrays["spec_token"][proposals.rows] = proposals.tokens.cpu().numpy()
         inputs.count(sampled)
         if step.num_prompt_logits:
             sampled.prompt_logprobs = self._score_prompts(step, logits[step.num_samples :], requests)
@@ -93,21 +108,29 @@ class ModelRunner:
             out[r] = d
         return out
 
-    @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:
         """Logits [num_samples + num_prompt_logits, vocab_size] float32: the sampled rows', then the prompt rows'."""
+        return self._forward(step, {})[0]
+
+    @torch.inference_mode()
+    def _forward(self, step: StepInputs, requests: dict) -> tuple[torch.Tensor, Optional[Proposals]]:
+        """The step's logits (see execute), and a draft model's proposals, made before the target runs."""
         if step.num_copies:
             self._copy_blocks(step.copy_src, step.copy_dst)
         dev = self._upload(step)
+        proposals = self.draft.propose(step, dev, requests) if self.draft is not None else None
         rows = dev.logits_indices
         if step.num_prompt_logits:
             rows = torch.cat([rows, dev.prompt_logits_indices])
         if self.graphs is not None and step.is_decode and self.graphs.fits(step.num_rows):
             bucket = self.graphs.bucket(step.num_rows)
             self._dev.pad_decode(step.num_rows, bucket)
-            return self.graphs.replay(bucket)[rows]
-        hidden = self.model.forward(dev, self.kv_cache)
-        return self.model.compute_logits(hidden[rows])
+            logits = self.graphs.replay(bucket)[rows]
+        else:
+            logits = self.model.compute_logits(self.model.forward(dev, self.kv_cache)[rows])
+        if self.draft is not None:
+            self.draft.follow(dev)
+        return logits, proposals
 
     def _on_device(self, step: StepInputs) -> StepInputs:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""
@@ -134,12 +157,14 @@ class ModelRunner:
         """Copies whole KV blocks (every layer, K and V): a sample's own copy of a block it shared."""
         src, dst = src.to(self.device), dst.to(self.device)
         self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
+        if self.draft is not None:
+            self.draft.copy_blocks(src, dst)
 
     def close(self) -> None:
         """Drops the graphs, the KV cache, the weights and the device buffers; on CUDA their memory returns to the device."""
         if self.graphs is not None:
             self.graphs.close()
-        self.graphs = self._dev = self.kv_cache = self.model = self.sampler = None
+        self.graphs = self._dev = self.kv_cache = self.model = self.sampler = self.draft = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from .request import sample_seed
+
+if TYPE_CHECKING:
+    from .draft import Proposals
+
+# Salts a seeded row's acceptance draws apart from its sampling noise.
+VERIFY_SEED_SALT = 0x5DEECE66D
 
 
 @dataclass
@@ -45,6 +51,7 @@ class SamplingInputs:
     adjust_index: Optional[torch.Tensor] = None  # [2, N] int64 on the logits' device: (row, token), each pair once
     adjust_value: Optional[torch.Tensor] = None  # [N] float32: what penalties and biases add to those logits
     counted: list[tuple[int, Counter]] = field(default_factory=list)  # (row, its completion's token counts)
+    proposals: Optional["Proposals"] = None  # a draft model's proposals, which rows check them (draft.py)
 
     @classmethod
     def of(cls, step, on_device, requests: Optional[dict] = None, device: Optional[torch.device] = None):
@@ -179,6 +186,7 @@ class Sampler:
             rows, cols = inputs.adjust_index
             scores = logits.index_put((rows, cols), logits[rows, cols] + inputs.adjust_value)
         tokens = scores.argmax(dim=-1)
+        probs = None
         if (inputs.host_temperature > 0).any():
             temperature = torch.where(inputs.temperature > 0, inputs.temperature, 1.0)
             if (inputs.host_top_k > 0).any() or (inputs.host_top_p < 1.0).any():
@@ -190,11 +198,49 @@ class Sampler:
                 noise[row].exponential_(generator=self._seeded.manual_seed(seed))
             noise.clamp_(min=torch.finfo(torch.float32).tiny)
             tokens = torch.where(inputs.temperature > 0, (probs / noise).argmax(dim=-1), tokens)
+            if inputs.proposals is not None:
+                self._verify(tokens, probs, inputs)
         # One device-to-host copy for both: the tokens, and whether each row's logits were finite.
         host = torch.stack([tokens.to(torch.int32), finite.to(torch.int32)]).cpu().numpy()
         host_tokens, host_finite = np.ascontiguousarray(host[0]), host[1].astype(bool)
         lp_rows = {row: k for row, k in inputs.logprobs.items() if host_finite[row]}
         return Sampled(host_tokens, self._logprobs(logits, host_tokens, lp_rows), host_finite)
+
+    def _verify(self, tokens: torch.Tensor, probs: torch.Tensor, inputs: SamplingInputs) -> None:
+        """Rejection sampling of a draft's proposals on the sampled rows that check them (Leviathan et al. 2023).
+
+        A proposal x drawn from the draft's q is kept with probability
+        min(1, p(x) / q(x)), p the target's distribution at its row; otherwise
+        the row draws from max(0, p - q), normalised, which never gives x.
+        Either way the row's token is distributed as p. Greedy rows keep the
+        target's argmax: the scheduler keeps a proposal only where it equals
+        the row's token, which is exact for both.
+        """
+        prop = inputs.proposals
+        which = np.flatnonzero(inputs.host_temperature[prop.rows] > 0)
+        if not len(which):
+            return
+        device = tokens.device
+        at = torch.as_tensor(which, device=device)
+        rows = prop.rows[which]
+        r = torch.as_tensor(rows, device=device)
+        x = prop.tokens[at]
+        p, q = probs[r], prop.probs[at]
+        px, qx = p.gather(1, x[:, None])[:, 0], q.gather(1, x[:, None])[:, 0]
+        u = torch.rand(len(rows), generator=self.generator, device=device)
+        noise = torch.empty_like(p).exponential_(generator=self.generator)
+        for j, row in enumerate(rows.tolist()):
+            seed = inputs.seeds.get(row)
+            if seed is not None:
+                g = self._seeded.manual_seed(seed ^ VERIFY_SEED_SALT)
+                u[j] = torch.rand((), generator=g, device=device)
+                noise[j].exponential_(generator=g)
+        noise.clamp_(min=torch.finfo(torch.float32).tiny)
+        residual = (p - q).clamp_(min=0.0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(torch.float32).tiny), p)
+        keep = u * qx < px
+        tokens[r] = torch.where(keep, x, (residual / noise).argmax(dim=-1))
 
     @torch.inference_mode()
     def score(self, logits: torch.Tensor, tokens: np.ndarray, top: list[int]) -> list[dict[int, float]]:

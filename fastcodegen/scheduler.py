@@ -75,6 +75,7 @@ class Scheduler:
         c.num_speculative_tokens = config.num_speculative_tokens
         c.ngram_min, c.ngram_max = config.ngram_min, config.ngram_max
         c.speculative_max_rows = config.speculative_max_rows
+        c.draft_proposals = config.draft_model is not None
         self._core = _C.Scheduler(c)
         self.fields = [StepField.from_native(row) for row in self._core.step_fields()]
         self._host = StepBuffers(self.fields, torch.device("cpu"), pin=config.device.type == "cuda")

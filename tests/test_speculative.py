@@ -321,3 +321,116 @@ def test_native_proposals_and_acceptance_follow_the_rule(fresh_seed):
         s = core.stats
         assert (s.spec_runs - runs, s.spec_proposed - proposed, s.spec_accepted - accepted) == (int(bool(want)), len(want), agree)
         core.check()
+
+
+# ----------------------------------------------------------------------------- a draft model
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, tokenizer_dir):
+    """Draft checkpoints for the hd64 target (seed 0): itself, itself with perturbed weights, an unrelated model."""
+    from conftest import rewrite_weights
+
+    root = tmp_path_factory.mktemp("drafts")
+    target = build_hf_model(SHAPES["hd64"], seed=0)
+    same = save_checkpoint(target, root / "same", tokenizer=tokenizer_dir)
+    perturbed = save_checkpoint(build_hf_model(SHAPES["hd64"], seed=0), root / "perturbed", tokenizer=tokenizer_dir)
+    gen = torch.Generator().manual_seed(11)
+
+    def perturb(tensors):
+        for name, t in tensors.items():
+            if t.dtype.is_floating_point and t.dim() == 2:
+                t += 0.15 * t.std() * torch.randn(t.shape, generator=gen)
+
+    rewrite_weights(perturbed, perturb)
+    unrelated = save_checkpoint(build_hf_model(SHAPES["full-rotary"], seed=5), root / "unrelated", tokenizer=tokenizer_dir)
+    return {"same": same, "perturbed": perturbed, "unrelated": unrelated}
+
+
+@pytest.mark.parametrize("draft, accepted", [("same", (0.99, 1.0)), ("perturbed", (0.05, 0.99)), ("unrelated", (0.0, 0.5))])
+def test_draft_model_greedy_equals_transformers(engine_factory, drafts, fresh_seed, draft, accepted):
+    engine, hf = engine_factory("hd64", speculative_model=str(drafts[draft]), num_speculative_tokens=3)
+    prompts = repetitive_prompts([3, 17, 30], fresh_seed)
+    outs = engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=30, **GREEDY))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 30)
+    s = engine.stats
+    assert s.spec_proposed > 0 and accepted[0] <= s.acceptance_rate <= accepted[1]
+    engine._scheduler.check()
+    assert engine.num_free_kv_blocks == engine.stats.num_blocks
+
+
+def test_draft_model_under_preemption_n_samples_logprobs_and_abort(engine_factory, drafts, fresh_seed):
+    plain, _ = engine_factory("hd64", kv_cache_tokens=128)
+    spec, hf = engine_factory("hd64", kv_cache_tokens=128, speculative_model=str(drafts["perturbed"]))
+    prompts = repetitive_prompts([30, 25, 33, 20], fresh_seed)
+    params = [
+        SamplingParams(max_tokens=40, **GREEDY),
+        SamplingParams(max_tokens=40, logprobs=2, **GREEDY),
+        SamplingParams(max_tokens=40, n=2, **GREEDY),
+        SamplingParams(max_tokens=40, frequency_penalty=1.0, **GREEDY),
+    ]
+    for want, got in zip(plain.generate(prompt_token_ids=prompts, sampling_params=params),
+                         spec.generate(prompt_token_ids=prompts, sampling_params=params)):  # fmt: skip
+        for w, g in zip(want.outputs, got.outputs, strict=True):
+            assert g.token_ids == w.token_ids
+            if w.logprobs is not None:
+                assert [d.keys() for d in g.logprobs] == [d.keys() for d in w.logprobs]
+    assert spec.stats.preemptions > 0 and spec.stats.spec_accepted > 0
+    spec._scheduler.check()
+    rid = spec.add_request(prompt_token_ids=prompts[0], sampling_params=SamplingParams(max_tokens=40, **GREEDY))
+    for _ in range(4):
+        spec.step()
+    spec.abort(rid)
+    spec._scheduler.check()
+    assert spec.num_free_kv_blocks == spec.kv_cache_tokens // 16
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_draft_model_sampling_follows_the_targets_distribution(tmp_path_factory, fresh_seed, top_p):
+    """Rejection sampling against a draft whose distribution differs from the target's: the first three tokens'
+    joint distribution is still the target's."""
+    from conftest import rewrite_weights
+    import shutil
+
+    vocab, draws = 6, 6000
+    path, hf = _small_vocab_checkpoint(tmp_path_factory, vocab)
+    draft = tmp_path_factory.mktemp("draft") / "d"
+    shutil.copytree(path, draft)
+    gen = torch.Generator().manual_seed(5)
+
+    def perturb(tensors):
+        for name, t in tensors.items():
+            if t.dtype.is_floating_point and t.dim() == 2:
+                t += 2.0 * t.std() * torch.randn(t.shape, generator=gen)
+
+    rewrite_weights(draft, perturb)
+    prompt = [1, 2, 3, 4, 1, 2]
+    probs = _exact_three_token_probs(hf, prompt, vocab, top_p)
+    params = [
+        SamplingParams(temperature=1.0, top_p=top_p, max_tokens=5, ignore_eos=True, seed=fresh_seed * draws + i)
+        for i in range(draws)
+    ]
+    with Engine(str(path), device="cpu", progress=False, max_num_seqs=256, max_num_batched_tokens=2048,
+                kv_cache_tokens=8192, speculative_model=str(draft), num_speculative_tokens=3,
+                speculative_max_rows=0) as e:  # fmt: skip
+        got = e.generate(prompt_token_ids=[prompt] * draws, sampling_params=params, use_tqdm=False)
+        assert e.stats.spec_runs > draws and 0.1 < e.stats.acceptance_rate < 0.95  # rejections happen
+    counts = np.zeros(vocab**3)
+    for o in got:
+        a, b, c = o.outputs[0].token_ids[:3]
+        counts[(a * vocab + b) * vocab + c] += 1
+    assert _chi_square_p_value(counts, probs) > FALSE_ALARM
+
+
+def test_a_draft_with_another_vocabulary_is_refused(engine_factory, checkpoint, tmp_path_factory):
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine_factory("hd64", speculative_model="codegen-tiny-py")
+    path, _ = checkpoint("hd64")
+    bare = save_checkpoint(build_hf_model(SHAPES["hd64"], seed=1), tmp_path_factory.mktemp("bare"))  # no tokenizer
+    with pytest.raises(ValueError, match="no tokenizer"):
+        Engine(str(path), device="cpu", progress=False, speculative_model=str(bare))
+    with pytest.raises(ValueError, match="speculative_model"):
+        Engine(str(path), device="cpu", progress=False, speculative_model="")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        Engine(str(path), device="cpu", progress=False, num_speculative_tokens=3)

@@ -2,6 +2,9 @@
 
     python tools/train_tiny.py train --out fastcodegen/data/codegen-tiny-py    # about 35 minutes on 2 CPU cores
     python tools/train_tiny.py evaluate fastcodegen/data/codegen-tiny-py
+    # its draft model for speculative decoding: 2 layers of 128, the same tokenizer
+    python tools/train_tiny.py train --out fastcodegen/data/codegen-tiny-py-draft --layers 2 --embd 128 \
+        --heads 2 --tokenizer fastcodegen/data/codegen-tiny-py --steps 3000
 
 The model is transformers' CodeGenForCausalLM (same block, the q,v,k qkv
 layout, interleaved rotary on part of each head), with 4 layers, n_embd 256,
@@ -120,17 +123,26 @@ def windows(
 # --------------------------------------------------------------------------- model
 
 
-def build_model(vocab_size: int, eos_id: int, seed: int):
+def architecture(args: argparse.Namespace) -> dict:
+    """ARCH with the sizes the command line overrides."""
+    arch = dict(ARCH)
+    for key, name in (("n_layer", "layers"), ("n_embd", "embd"), ("n_head", "heads")):
+        if getattr(args, name, None) is not None:
+            arch[key] = getattr(args, name)
+    return arch
+
+
+def build_model(vocab_size: int, eos_id: int, seed: int, arch: dict):
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
     torch.manual_seed(seed)
     config = CodeGenConfig(
         vocab_size=vocab_size,
-        n_ctx=ARCH["n_positions"],
+        n_ctx=arch["n_positions"],
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         tie_word_embeddings=False,
-        **ARCH,
+        **arch,
     )
     return CodeGenForCausalLM(config)
 
@@ -160,7 +172,13 @@ def train(args: argparse.Namespace) -> None:
     train_files, held_files = stdlib_files()
     train_texts = [read(p) for p in train_files]
     held_texts = [read(p) for p in held_files]
-    tk = train_tokenizer(train_texts)
+    if args.tokenizer is not None:  # another model's tokenizer: a draft must share its target's ids
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    else:
+        tk = train_tokenizer(train_texts)
+    arch = architecture(args)
     train_ids, held_ids = encode(tk, train_texts), encode(tk, held_texts)
     eos = tk.token_to_id(EOS)
     size = tk.get_vocab_size(with_added_tokens=True)
@@ -170,9 +188,9 @@ def train(args: argparse.Namespace) -> None:
         f"({len(held_ids):,} tokens); tokenizer {size} ids; {time.time() - t0:.0f} s",
         flush=True,
     )
-    model = build_model(vocab, eos, args.seed)
+    model = build_model(vocab, eos, args.seed, arch)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.2f}M parameters, {ARCH}", flush=True)
+    print(f"model: {params / 1e6:.2f}M parameters, {arch}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -229,7 +247,7 @@ def train(args: argparse.Namespace) -> None:
                 "eos_token": EOS,
                 "unk_token": EOS,
                 "add_prefix_space": False,
-                "model_max_length": ARCH["n_positions"],
+                "model_max_length": arch["n_positions"],
                 "clean_up_tokenization_spaces": False,
             },
             indent=2,
@@ -246,7 +264,7 @@ def train(args: argparse.Namespace) -> None:
                 "threads": args.threads,
                 "minutes": round((time.time() - t0) / 60, 1),
                 "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
-                "architecture": ARCH,
+                "architecture": arch,
                 "parameters": params,
                 "tokenizer_size": size,
                 "training_files": len(train_files),
@@ -356,6 +374,10 @@ def main() -> None:
     t.add_argument("--eval-windows", type=int, default=200)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, help=f"layers (default {ARCH['n_layer']})")
+    t.add_argument("--embd", type=int, help=f"model width (default {ARCH['n_embd']})")
+    t.add_argument("--heads", type=int, help=f"attention heads (default {ARCH['n_head']})")
+    t.add_argument("--tokenizer", help="a checkpoint directory whose tokenizer.json to use instead of training one")
     t.set_defaults(func=train)
     e = sub.add_parser("evaluate", help="held-out loss and the parse rate of completed function headers")
     e.add_argument("checkpoint")

@@ -1,0 +1,148 @@
+"""A draft model for speculative decoding: its proposals, and its own paged KV cache under the target's block tables.
+
+The draft computes every token the target does, in the same slots of its own
+cache (same block size and number of blocks, so the scheduler's one block
+table addresses both): after each target forward it runs the same step, and
+block copies are made in both caches. No second allocator is needed, and the
+prefix cache's blocks hold the draft's K/V of their tokens too.
+
+Before the target's forward, a step whose sampled rows include proposals to
+make (spec_token == DRAFT_PENDING; the scheduler leaves their input ids
+pending) has the draft make them: for a sequence verifying m proposals, m
+decode passes, pass i reading the sequence's token i of the step (its last
+token, then the proposals so far) at its position and KV slot, and drawing
+proposal i + 1 from the draft's distribution, filtered like the target's
+(temperature, top-k, top-p; greedy rows take the argmax). The distributions
+are kept for the target's rejection sampling (sampler.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _C
+from .kv_cache import KVCache
+from .models.codegen import CodeGenModel
+from .request import sample_seed
+from .sampler import filtered_probs
+from .step import SHAPE_FIELDS, StepInputs
+
+# Salts a seeded request's draft draws apart from its target draws at the same place.
+DRAFT_SEED_SALT = 0x2545F4914F6CDD1D
+
+
+@dataclass
+class Proposals:
+    """A step's draft proposals: which sampled rows check them, the tokens, the distributions they came from."""
+
+    rows: np.ndarray  # [P] int64: sampled rows of the step
+    tokens: torch.Tensor  # [P] int64, on the device
+    probs: torch.Tensor  # [P, vocab_limit] float32: the draft's distribution at each (one-hot for greedy rows)
+
+
+class DraftModel:
+    """The draft's weights and KV cache, and the passes that make a step's proposals."""
+
+    def __init__(self, model: CodeGenModel, kv_cache: KVCache, vocab_limit: int, generator: torch.Generator):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.vocab_limit = vocab_limit
+        self.generator = generator  # the engine's: unseeded rows' draws
+        self._seeded = torch.Generator(device=generator.device)
+
+    @torch.inference_mode()
+    def propose(self, step: StepInputs, dev: StepInputs, requests: dict) -> Optional[Proposals]:
+        """Fills the step's pending proposals into `dev.input_ids`; None when the step has none.
+
+        `step` is the step in host memory (its arrays say which rows are
+        pending), `dev` the same step on the device, after its upload.
+        """
+        host = step.arrays
+        spec = host["spec_token"]
+        pending = np.flatnonzero(spec == _C.DRAFT_PENDING)
+        if not len(pending):
+            return None
+        # A speculating sequence's rows are consecutive: its pending proposals, then its own token's.
+        starts = pending[np.r_[True, np.diff(pending) > 1]]
+        runs = [int(np.argmax(np.r_[spec[s:] != _C.DRAFT_PENDING, True])) for s in starts]
+        first_token = host["logits_indices"][starts]  # the step's index of each sequence's last token
+        batch_row = np.searchsorted(host["query_start_loc"], first_token, side="right") - 1
+        device = dev.input_ids.device
+        rows, tokens, probs = [], [], []
+        for i in range(max(runs)):
+            active = np.array([j for j, m in enumerate(runs) if m > i])
+            at = first_token[active] + i  # the token this pass reads; its proposal goes at + 1
+            row = starts[active] + i  # the sampled row that checks that proposal
+            logits = self._decode(dev, at, batch_row[active], int(host["positions"][at].max()) + 1)
+            drawn, dist = self._draw(logits, host, row, requests)
+            dev.input_ids[torch.as_tensor(at + 1, device=device)] = drawn
+            rows.append(row)
+            tokens.append(drawn)
+            probs.append(dist)
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        rows_all = np.concatenate(rows)[order]
+        index = torch.as_tensor(order, device=device)
+        return Proposals(rows_all, torch.cat(tokens)[index], torch.cat(probs)[index])
+
+    def _decode(self, dev: StepInputs, at: np.ndarray, batch_rows: np.ndarray, max_context: int) -> torch.Tensor:
+        """One decode pass of the draft over the step's tokens `at` (one per sequence): logits [n, vocab_limit]."""
+        device = dev.input_ids.device
+        idx = torch.as_tensor(at, device=device)
+        n = len(at)
+        positions = dev.positions[idx]
+        tensors = {
+            "input_ids": dev.input_ids[idx],
+            "positions": positions,
+            "slot_mapping": dev.slot_mapping[idx],
+            "query_start_loc": torch.arange(n + 1, dtype=torch.int32, device=device),
+            "context_lens": (positions + 1).to(torch.int32),
+            "block_tables": dev.block_tables[torch.as_tensor(batch_rows, device=device)],
+        }
+        shape = dict.fromkeys(SHAPE_FIELDS, 0) | {
+            "num_rows": n, "num_tokens": n, "num_samples": n, "max_query_len": 1, "max_context_len": max_context,
+            "is_decode": True,
+        }  # fmt: skip
+        hidden = self.model.forward(StepInputs(shape, tensors), self.kv_cache)
+        return self.model.compute_logits(hidden)[:, : self.vocab_limit].float()
+
+    def _draw(self, logits: torch.Tensor, host: dict, rows: np.ndarray, requests: dict):
+        """Each row's proposal and the distribution it was drawn from, on the target row's sampling terms."""
+        device = logits.device
+        temperature = host["temperature"][rows]
+        sampled_rows = np.flatnonzero(temperature > 0)
+        tokens = logits.argmax(dim=-1)
+        dist = torch.zeros_like(logits)
+        if len(sampled_rows):
+            r = rows[sampled_rows]
+            at = torch.as_tensor(sampled_rows, device=device)
+            q = filtered_probs(
+                logits[at],
+                torch.as_tensor(host["temperature"][r], device=device),
+                torch.as_tensor(host["top_k"][r], device=device),
+                torch.as_tensor(host["top_p"][r], device=device),
+            )
+            noise = torch.empty_like(q).exponential_(generator=self.generator)
+            for j, row in enumerate(r.tolist()):
+                req = requests.get(int(host["sample_request"][row]))
+                if req is not None and req.params.seed is not None:  # the place of the token the row checks
+                    place = int(host["positions"][host["logits_indices"][row]]) + 1 - len(req.prompt_token_ids)
+                    seed = sample_seed(req.params.seed ^ DRAFT_SEED_SALT, int(host["sample_index"][row]), place)
+                    noise[j].exponential_(generator=self._seeded.manual_seed(seed))
+            noise.clamp_(min=torch.finfo(torch.float32).tiny)
+            tokens[at] = (q / noise).argmax(dim=-1)
+            dist[at] = q
+        greedy = torch.as_tensor(np.flatnonzero(temperature == 0), device=device)
+        dist[greedy, tokens[greedy]] = 1.0
+        return tokens, dist
+
+    @torch.inference_mode()
+    def follow(self, dev: StepInputs) -> None:
+        """Runs the target's step through the draft, so its cache holds the K/V of every token the target computed."""
+        self.model.forward(dev, self.kv_cache)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
