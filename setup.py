@@ -21,8 +21,12 @@ ext_modules = [
 setup(
     packages=["fastcodegen", "fastcodegen.models", "fastcodegen.kernels", "fastcodegen.server", "fastcodegen.eval"],
     package_dir={"fastcodegen.kernels": "kernels"},
-    # codegen-tiny-py, the checkpoint shipped with the package, and CodeGen's tokenizer
-    package_data={"fastcodegen": ["data/codegen-tiny-py/*", "data/codegen-tokenizer/*", "data/mtpb/*"]},
+    # codegen-tiny-py and its draft, the checkpoints shipped with the package, and CodeGen's tokenizer
+    package_data={
+        "fastcodegen": [
+            "data/codegen-tiny-py/*", "data/codegen-tiny-py-draft/*", "data/codegen-tokenizer/*", "data/mtpb/*"
+        ]
+    },
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

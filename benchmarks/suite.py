@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # fastcodegen is imported where it is used: --only ceilings r
     from fastcodegen import Engine
     from fastcodegen.config import ModelConfig
 
-SECTIONS = ("ceilings", "tests", "kernels", "decode", "throughput", "ttft", "serving")
+SECTIONS = ("ceilings", "tests", "kernels", "decode", "throughput", "ttft", "serving", "speculative")
 # Run only when asked for (--eval, or --only eval): they need real weights and take long.
 OPTIONAL_SECTIONS = ("eval",)
 OUT_OF_TIME = "not run: out of time (--budget-s)"
@@ -98,6 +98,8 @@ class Plan:
     hf_batch: int
     compile_models: list[str]
     matmul_dtypes: list[torch.dtype]
+    spec_targets: list[str]  # speculative: the targets whose verify steps are timed
+    spec_draft: str  # and the draft whose decode steps are
     # What a budget plans with (generous: a cold Triton cache compiles kernels on first use).
     startup_s: float  # an engine (dummy weights, CUDA graphs) or a transformers model, built and warmed up
     hf_step_s: float  # one eager transformers decode step at the least (launch-bound at batch 1)
@@ -121,6 +123,8 @@ def real_plan() -> Plan:
         hf_batch=32,
         compile_models=["codegen-350M-mono", "codegen-2B-mono"],
         matmul_dtypes=[torch.float16, torch.bfloat16],
+        spec_targets=["codegen-6B-mono", "codegen-16B-mono"],
+        spec_draft="codegen-350M-mono",
         startup_s=20.0,
         hf_step_s=0.03,
         compile_s=180.0,
@@ -144,6 +148,8 @@ def cpu_plan() -> Plan:
         hf_batch=4,
         compile_models=[],
         matmul_dtypes=[torch.float32],
+        spec_targets=["codegen-tiny-py"],
+        spec_draft="codegen-tiny-py-draft",
         startup_s=3.0,
         hf_step_s=0.05,
         compile_s=60.0,
@@ -634,6 +640,98 @@ def serving(plan: Plan, budget: Budget) -> Iterator[Row]:
                   "ratio = server / offline")  # fmt: skip
 
 
+SPEC_K = 4
+SPEC_ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
+    """Speculative decoding's costs at batch 1: a (k+1)-token verify step and a draft decode step against a 1-token
+    decode step, and from them the time per token as a function of the acceptance rate.
+
+    Each step is one forward of the model over a sequence with `prompt_len` tokens of context (dummy weights),
+    timed eagerly (the engine runs verify steps eagerly; plain decode replays a CUDA graph, timed too where there
+    is one). With acceptance rate a and k proposals, a verify step yields (1 - a^(k+1)) / (1 - a) tokens on
+    average and costs one verify step plus k draft decode steps plus the draft's pass over the verified tokens.
+    """
+    draft_ms: Optional[float] = None
+    try:
+        if not budget.allows(plan.startup_s + 10.0):
+            yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=OUT_OF_TIME)
+            return
+        draft_ms, draft_verify_ms, _ = _step_times(plan.spec_draft, plan, SPEC_K + 1)
+        yield Row("speculative", f"draft decode step {plan.spec_draft}", draft_ms, "ms")
+    except Exception as e:
+        yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=_error(e))
+        return
+    finally:
+        free(plan.device)
+    for name in plan.spec_targets:
+        label = f"verify step (k={SPEC_K}) / decode step {name}"
+        if not budget.allows(2 * plan.startup_s + 20.0):
+            yield Row("speculative", label, None, "x", note=OUT_OF_TIME)
+            continue
+        try:
+            decode_ms, verify_ms, graph_ms = _step_times(name, plan, SPEC_K + 1)
+        except Exception as e:
+            yield Row("speculative", label, None, "x", note=_error(e))
+            continue
+        finally:
+            free(plan.device)
+        floor_ms = 1e3 * floor_s(model_config(name), plan, copy_gbps)
+        plain_ms = graph_ms if graph_ms is not None else decode_ms
+        yield Row("speculative", label, verify_ms / decode_ms, "x", "decode step (eager)", decode_ms,
+                  note=f"verify {verify_ms:.2f} ms, decode {decode_ms:.2f} ms eager"
+                  + (f", {graph_ms:.2f} ms as a CUDA graph" if graph_ms is not None else ""))  # fmt: skip
+        for a in SPEC_ACCEPTANCE:
+            tokens = (1 - a ** (SPEC_K + 1)) / (1 - a)
+            per_token = (verify_ms + SPEC_K * draft_ms + draft_verify_ms) / tokens
+            yield Row("speculative", f"projected ms/token {name}, acceptance {a:.1f}, k={SPEC_K}", per_token, "ms/token",
+                      "fp16 bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
+                      note=f"{tokens:.2f} tokens per verify step; plain decode {plain_ms:.2f} ms/token "
+                      f"({plain_ms / per_token:.2f}x)")  # fmt: skip
+
+
+def _step_times(name: str, plan: Plan, verify_tokens: int) -> tuple[float, float, Optional[float]]:
+    """(1-token decode step ms, `verify_tokens`-token step ms, both eager; the decode step as a CUDA graph, if any)."""
+    from fastcodegen.step import SHAPE_FIELDS, StepInputs
+
+    with engine_for(name, plan, max_num_seqs=8) as engine:
+        runner = engine._runner
+        dev = plan.device
+        context = plan.prompt_len
+        bs = engine.config.block_size
+        table = torch.arange(-(-(context + verify_tokens) // bs), dtype=torch.int32, device=dev)[None]
+
+        def step(q: int) -> StepInputs:
+            positions = torch.arange(context, context + q, device=dev)
+            tensors = dict(
+                input_ids=torch.zeros(q, dtype=torch.int64, device=dev), positions=positions,
+                slot_mapping=positions.clone(), block_tables=table,
+                context_lens=torch.tensor([context + q], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=dev),
+                logits_indices=torch.arange(q, device=dev),
+            )  # fmt: skip
+            shape = dict.fromkeys(SHAPE_FIELDS, 0) | dict(
+                num_rows=1, num_tokens=q, num_samples=q, max_query_len=q, max_context_len=context + q, is_decode=q == 1
+            )
+            return StepInputs(shape, tensors)
+
+        def forward(s: StepInputs) -> None:
+            with torch.inference_mode():
+                runner.model.compute_logits(runner.model.forward(s, runner.kv_cache)[s.logits_indices])
+
+        def best(fn: Callable[[], object], reps: int = 20) -> float:
+            fn()
+            return 1e3 * min(timed(fn, dev) for _ in range(reps))
+
+        one, many = step(1), step(verify_tokens)
+        decode_ms, verify_ms = best(lambda: forward(one)), best(lambda: forward(many))
+        graph_ms = None
+        if runner.graphs is not None and runner.graphs.fits(1):
+            graph_ms = best(lambda: runner.graphs.replay(runner.graphs.bucket(1)))
+    return decode_ms, verify_ms, graph_ms
+
+
 EVAL_MODELS = ["codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono"]
 # The paper's pass@1 (temperature 0.2, top-p 0.95, n = 200), for the rows' baseline column.
 PAPER_PASS_AT_1 = {
@@ -860,7 +958,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = Record(env, "cpu" if args.cpu else "cuda", args.out_dir / f"{env['date']}-{device}{suffix}")
     record.save()
     copy_gbps = args.copy_gbps
-    if "ceilings" in sections or (copy_gbps is None and {"decode", "throughput"} & set(sections)):
+    if "ceilings" in sections or (copy_gbps is None and {"decode", "throughput", "speculative"} & set(sections)):
         print("[suite] ceilings", file=sys.stderr, flush=True)
         copy_gbps, rows = ceilings(plan)
         for row in rows:
@@ -872,6 +970,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "throughput": lambda: throughput(plan, copy_gbps, budget),
         "ttft": lambda: time_to_first_token(plan, budget),
         "serving": lambda: serving(plan, budget),
+        "speculative": lambda: speculative(plan, copy_gbps, budget),
         "eval": lambda: humaneval(plan, budget, args.eval_n, record.stem.with_name(record.stem.name + ".eval")),
     }
     for name in sections:

@@ -109,7 +109,7 @@ def _generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
         option = OPTIONS.get(field.group() if field else "")
         raise UsageError(f"argument {option}: {e}" if option else str(e)) from None
     prompt = _read_prompt(prompt_arg)
-    engine = Engine(model, **_engine_options(args))
+    engine = Engine(model, **_engine_options(args), **_speculation_options(args))
     # generate() checks the prompt and the parameters before it returns the iterator, so whatever is wrong
     # is reported before the first byte reaches stdout.
     stream = engine.generate(prompt, params, stream=True)
@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace, interrupts: Interrupts) -> int:
             enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager,
             **_engine_options(args),
+            **_speculation_options(args),
         )
         interrupts.check()
         host, port = sock.getsockname()[:2]
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(g)
     g.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
+    _add_speculation_arguments(g)
     g.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
     g.set_defaults(func=_generate)
 
@@ -335,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="share of the GPU this engine may use")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prefixes")
+    _add_speculation_arguments(s)
     s.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback for internal errors")
     s.set_defaults(func=_serve)
 
@@ -375,6 +378,35 @@ def build_parser() -> argparse.ArgumentParser:
     convert_mod.add_arguments(c)
     c.set_defaults(func=convert_mod.run)
     return p
+
+
+def _add_speculation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative-model",
+        default=None,
+        metavar="DRAFT",
+        help="speculative decoding: [ngram] (prompt lookup) or a draft model with the same tokenizer "
+        "(e.g. codegen-tiny-py-draft, codegen-350M-mono); outputs are distributed as without it",
+    )
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="proposals per step (default 4)")
+    p.add_argument("--ngram-min", type=int, default=1, help="prompt lookup's shortest n-gram (default 1)")
+    p.add_argument("--ngram-max", type=int, default=4, help="prompt lookup's longest n-gram (default 4)")
+    p.add_argument(
+        "--speculative-max-rows",
+        type=int,
+        default=None,
+        help="speculate only while at most this many sequences decode (default 32; 0: always)",
+    )
+
+
+def _speculation_options(args: argparse.Namespace) -> dict:
+    return dict(
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
+        ngram_min=args.ngram_min,
+        ngram_max=args.ngram_max,
+        speculative_max_rows=args.speculative_max_rows,
+    )
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ are kept for the target's rejection sampling (sampler.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -28,20 +27,11 @@ from . import _C
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
 from .request import sample_seed
-from .sampler import filtered_probs
+from .sampler import Proposals, filtered_probs
 from .step import SHAPE_FIELDS, StepInputs
 
 # Salts a seeded request's draft draws apart from its target draws at the same place.
 DRAFT_SEED_SALT = 0x2545F4914F6CDD1D
-
-
-@dataclass
-class Proposals:
-    """A step's draft proposals: which sampled rows check them, the tokens, the distributions they came from."""
-
-    rows: np.ndarray  # [P] int64: sampled rows of the step
-    tokens: torch.Tensor  # [P] int64, on the device
-    probs: torch.Tensor  # [P, vocab_limit] float32: the draft's distribution at each (one-hot for greedy rows)
 
 
 class DraftModel:

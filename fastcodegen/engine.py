@@ -104,11 +104,13 @@ class Engine:
         num_speculative_tokens: Optional[int] = None,
         ngram_min: int = 1,
         ngram_max: int = 4,
-        speculative_max_rows: int = DEFAULT_SPECULATIVE_MAX_ROWS,
+        speculative_max_rows: Optional[int] = None,
         progress: bool = True,
     ):
         if num_speculative_tokens is None:
             num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS if speculative_model is not None else 0
+        if speculative_max_rows is None:
+            speculative_max_rows = DEFAULT_SPECULATIVE_MAX_ROWS
         opts = engine_options(
             device, dtype, backend, seed, gpu_memory_utilization, max_model_len=max_model_len, block_size=block_size,
             kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

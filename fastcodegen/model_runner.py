@@ -20,12 +20,12 @@ import torch
 
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import CudaGraphs, default_buckets
-from .draft import DraftModel, Proposals
+from .draft import DraftModel
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
 from .models.ops import make_ops
 from .request import RequestState
-from .sampler import Sampled, Sampler, SamplingInputs
+from .sampler import Proposals, Sampled, Sampler, SamplingInputs
 from .step import SHAPE_FIELDS, StepBuffers, StepField, StepInputs
 from .weights import CodeGenWeights
 
@@ -59,6 +59,7 @@ class ModelRunner:
         generator.manual_seed(engine_config.seed)
         self.sampler = Sampler(min(vocab_limit, model_config.vocab_size), generator)
         self.draft: Optional[DraftModel] = None
+        self._proposals: Optional[Proposals] = None  # the last execute()'s draft proposals, for run()
         if draft is not None:
             d_config, d_weights = draft
             d_ops = make_ops(d_config, engine_config.backend, self.device, engine_config.max_model_len)
@@ -78,7 +79,9 @@ class ModelRunner:
         Completions with penalties count the tokens drawn for them here: every
         sampled token is appended to its sequence by the scheduler's update.
         """
-        logits, proposals = self._forward(step, requests)
+        self._proposals = None
+        logits = self.execute(step, requests)
+        proposals, self._proposals = self._proposals, None
         inputs = SamplingInputs.of(step, self._on_device(step), requests, self.device)
         inputs.proposals = proposals
         sampled = self.sampler(logits[: step.num_samples], inputs)
@@ -108,17 +111,18 @@ class ModelRunner:
             out[r] = d
         return out
 
-    def execute(self, step: StepInputs) -> torch.Tensor:
-        """Logits [num_samples + num_prompt_logits, vocab_size] float32: the sampled rows', then the prompt rows'."""
-        return self._forward(step, {})[0]
-
     @torch.inference_mode()
-    def _forward(self, step: StepInputs, requests: dict) -> tuple[torch.Tensor, Optional[Proposals]]:
-        """The step's logits (see execute), and a draft model's proposals, made before the target runs."""
+    def execute(self, step: StepInputs, requests: Optional[dict] = None) -> torch.Tensor:
+        """Logits [num_samples + num_prompt_logits, vocab_size] float32: the sampled rows', then the prompt rows'.
+
+        With a draft model, its proposals for the step are made first (on
+        `requests`' terms: seeds) and left for `run` in `_proposals`.
+        """
         if step.num_copies:
             self._copy_blocks(step.copy_src, step.copy_dst)
         dev = self._upload(step)
-        proposals = self.draft.propose(step, dev, requests) if self.draft is not None else None
+        if self.draft is not None:
+            self._proposals = self.draft.propose(step, dev, requests or {})
         rows = dev.logits_indices
         if step.num_prompt_logits:
             rows = torch.cat([rows, dev.prompt_logits_indices])
@@ -130,7 +134,7 @@ class ModelRunner:
             logits = self.model.compute_logits(self.model.forward(dev, self.kv_cache)[rows])
         if self.draft is not None:
             self.draft.follow(dev)
-        return logits, proposals
+        return logits
 
     def _on_device(self, step: StepInputs) -> StepInputs:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""

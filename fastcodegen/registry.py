@@ -2,7 +2,8 @@
 
 Also `codegen-tiny-py`, a small CodeGen trained on the Python standard library
 and shipped with the package (`tools/train_tiny.py` made it): a demo and a
-test fixture that runs anywhere, offline.
+test fixture that runs anywhere, offline; and `codegen-tiny-py-draft`, a
+smaller one with its tokenizer, its draft model for speculative decoding.
 
 Twelve checkpoints, `Salesforce/codegen-{350M,2B,6B,16B}-{nl,multi,mono}`, in
 four sizes; the three variants of a size share one architecture. A name here
@@ -34,7 +35,7 @@ MODELS: dict[str, ModelConfig] = {
 
 # Checkpoints shipped inside the package: found by name, offline, on any machine.
 BUNDLED_DIR = Path(__file__).parent / "data"
-BUNDLED = ("codegen-tiny-py",)
+BUNDLED = ("codegen-tiny-py", "codegen-tiny-py-draft")
 DEFAULT_MODEL = "codegen-tiny-py"
 
 

@@ -22,18 +22,24 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .request import sample_seed
 
-if TYPE_CHECKING:
-    from .draft import Proposals
-
 # Salts a seeded row's acceptance draws apart from its sampling noise.
 VERIFY_SEED_SALT = 0x5DEECE66D
+
+
+@dataclass
+class Proposals:
+    """A draft model's proposals for a step: the sampled rows that check them, the tokens, their distributions."""
+
+    rows: np.ndarray  # [P] int64: sampled rows of the step
+    tokens: torch.Tensor  # [P] int64, on the device
+    probs: torch.Tensor  # [P, vocab_limit] float32: the draft's distribution at each (one-hot for greedy rows)
 
 
 @dataclass
@@ -51,7 +57,7 @@ class SamplingInputs:
     adjust_index: Optional[torch.Tensor] = None  # [2, N] int64 on the logits' device: (row, token), each pair once
     adjust_value: Optional[torch.Tensor] = None  # [N] float32: what penalties and biases add to those logits
     counted: list[tuple[int, Counter]] = field(default_factory=list)  # (row, its completion's token counts)
-    proposals: Optional["Proposals"] = None  # a draft model's proposals, which rows check them (draft.py)
+    proposals: Optional[Proposals] = None  # a draft model's proposals, which rows check them (draft.py)
 
     @classmethod
     def of(cls, step, on_device, requests: Optional[dict] = None, device: Optional[torch.device] = None):

@@ -297,8 +297,8 @@ def engine_factory(checkpoint):
 
 @pytest.fixture
 def fresh_seed() -> int:
-    """A new random seed per test run, printed so a failure can be reproduced."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A new random seed per test run, printed so a failure can be reproduced (FRESH_SEED=... sets it)."""
+    seed = int(os.environ.get("FRESH_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"fresh_seed={seed}")
     return seed
 

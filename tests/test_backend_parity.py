@@ -154,7 +154,13 @@ def test_scheduler_fuzz_under_block_pressure(checkpoint, fresh_seed):
         kv_cache_tokens=64, max_num_seqs=4, max_num_batched_tokens=8, progress=False,
     )  # fmt: skip
     calls = _record_attention(engine)
-    for _ in range(3):  # rounds of requests arriving together
+
+    def idle_steps() -> list[int]:
+        return [i for i, c in enumerate(calls) if c["step"].max_query_len == 1 and (_q_lens(c["step"]) == 0).any()]
+
+    for round in range(12):  # rounds of requests arriving together, until one made a step with an idle row
+        if round >= 3 and idle_steps():
+            break
         prompts = [rng.integers(1, TOKENIZER_SIZE, int(rng.integers(2, 30))).tolist() for _ in range(8)]
         news = [int(rng.integers(2, 64 - len(p) + 1)) for p in prompts]
         outs = engine.generate(
@@ -164,7 +170,7 @@ def test_scheduler_fuzz_under_block_pressure(checkpoint, fresh_seed):
         for p, n, out in zip(prompts, news, outs):
             assert out.outputs[0].token_ids == hf_greedy(hf, p, n)
     assert engine.stats.preemptions > 0
-    idle = [i for i, c in enumerate(calls) if c["step"].max_query_len == 1 and (_q_lens(c["step"]) == 0).any()]
+    idle = idle_steps()
     assert idle, "the fuzz made no step with an idle row beside one-token rows"
     assert not any(calls[i]["step"].is_decode for i in idle)
 

@@ -162,11 +162,11 @@ def test_error_inside_a_step_frees_everything(engine, monkeypatch):
     calls = {"n": 0}
     real = eng._runner.execute
 
-    def failing(step):
+    def failing(step, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated device failure")
-        return real(step)
+        return real(step, *rest)
 
     monkeypatch.setattr(eng._runner, "execute", failing)
     with pytest.raises(RuntimeError, match="simulated"):

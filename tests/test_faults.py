@@ -29,8 +29,8 @@ def _poison_rows_of(engine, prompt_first_token: int, value: float, after_steps: 
     real = engine._runner.execute
     steps = {"n": 0}
 
-    def execute(step):
-        logits = real(step).clone()
+    def execute(step, *rest):
+        logits = real(step, *rest).clone()
         steps["n"] += 1
         if steps["n"] > after_steps:
             for row in range(step.num_samples):

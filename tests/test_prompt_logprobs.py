@@ -80,9 +80,9 @@ def test_chunks_respect_the_logits_row_cap_and_score_each_position_once(engine_f
     rows_per_step = []
     execute = engine._runner.execute
 
-    def counting_execute(step):
+    def counting_execute(step, *rest):
         rows_per_step.append((step.num_samples, step.num_prompt_logits))
-        return execute(step)
+        return execute(step, *rest)
 
     scored = Counter()
     score_prompt = RequestState.score_prompt

@@ -423,11 +423,11 @@ class _FailOnce:
     def __init__(self, execute, at: int):
         self.execute, self.at, self.calls = execute, at, 0
 
-    def __call__(self, step):
+    def __call__(self, step, *rest):
         self.calls += 1
         if self.calls == self.at:
             raise RuntimeError("injected failure")
-        return self.execute(step)
+        return self.execute(step, *rest)
 
 
 def test_no_blocks_leak_after_a_mixed_run(engine_factory, fresh_seed, monkeypatch):

@@ -467,6 +467,23 @@ def test_models_health_and_metrics(engine, server, client, http, ref_tok):
     assert again["fastcodegen_preemptions_total"] >= 0
 
 
+def test_a_speculating_server_answers_like_the_plain_one(engine):
+    """Prompt lookup behind the server: the same greedy texts and streams, and its counters on /metrics."""
+    prompt = PROMPTS[2] + PROMPTS[2]  # text that repeats: proposals to verify
+    with Engine("codegen-tiny-py", device="cpu", progress=False, speculative_model="[ngram]") as spec:
+        with running_server(spec) as s, httpx.Client(base_url=s.url, timeout=60) as h:
+            body = {"prompt": prompt, "temperature": 0, "max_tokens": 40, "ignore_eos": True}
+            got = h.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            assert got == generate(engine, prompt, temperature=0, max_tokens=40, ignore_eos=True).outputs[0].text
+            with h.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                chunks = [e["choices"][0]["text"] for e in sse_events(r.iter_lines()) if e != "[DONE]"]
+            assert "".join(chunks) == got
+            m = metrics(h)
+            assert m["fastcodegen_spec_proposed_tokens_total"] >= m["fastcodegen_spec_accepted_tokens_total"] > 0
+            assert 0 < m["fastcodegen_spec_acceptance_rate"] <= 1
+            assert m["fastcodegen_spec_mean_accepted_length"] > 0
+
+
 # ----------------------------------------------------------------------------- bad requests
 
 BAD_REQUESTS = [

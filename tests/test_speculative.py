@@ -434,3 +434,20 @@ def test_a_draft_with_another_vocabulary_is_refused(engine_factory, checkpoint, 
         Engine(str(path), device="cpu", progress=False, speculative_model="")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         Engine(str(path), device="cpu", progress=False, num_speculative_tokens=3)
+
+
+def test_tiny_py_with_its_shipped_draft(tiny_engines, fresh_seed):
+    """codegen-tiny-py with codegen-tiny-py-draft on real code: the plain engine's greedy tokens, stops included."""
+    plain, _ = tiny_engines
+    rng = random.Random(fresh_seed)
+    prompts = [textwrap.dedent(inspect.getsource(f))[:rng.randint(120, 400)] for f in (json.dumps, json.loads, random.shuffle)]
+    with Engine("codegen-tiny-py", device="cpu", progress=False, speculative_model="codegen-tiny-py-draft") as spec:
+        params = [SamplingParams(max_tokens=k, **GREEDY) for k in (3, 50)] + [SamplingParams(max_tokens=60, stop=["\n\n"], temperature=0)]
+        for prompt in prompts:
+            for p in params:
+                w = plain.generate(prompt, p)[0].outputs[0]
+                g = spec.generate(prompt, p)[0].outputs[0]
+                assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        s = spec.stats
+        assert s.spec_proposed > 0 and s.acceptance_rate > 0.2
+        spec._scheduler.check()

@@ -105,6 +105,12 @@ class _SchedulerCollector:
             ("kv_cache_usage", "Fraction of the KV cache's blocks held by sequences", _usage(s)),
             ("kv_cache_free_blocks", "KV blocks no sequence holds (cached prefixes included)", s.num_free_blocks),
             ("kv_cache_blocks", "KV blocks in the cache", s.num_blocks),
+            ("spec_acceptance_rate", "Share of speculative proposals kept (0 without speculation)", s.acceptance_rate),
+            (
+                "spec_mean_accepted_length",
+                "Speculative proposals kept per verifying sequence and step",
+                s.mean_accepted_length,
+            ),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
@@ -112,6 +118,9 @@ class _SchedulerCollector:
             ("preemptions", "Sequences preempted for want of KV blocks", s.preemptions),
             ("prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", s.prefix_hit_tokens),
             ("computed_tokens", "Tokens run through the model", s.computed_tokens),
+            ("spec_proposed_tokens", "Speculative proposals verified", s.spec_proposed),
+            ("spec_accepted_tokens", "Speculative proposals kept", s.spec_accepted),
+            ("spec_verify_runs", "Sequences that verified proposals in a step", s.spec_runs),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
