@@ -686,7 +686,7 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
             tokens = (1 - a ** (SPEC_K + 1)) / (1 - a)
             per_token = (verify_ms + SPEC_K * draft_ms + draft_verify_ms) / tokens
             yield Row("speculative", f"projected ms/token {name}, acceptance {a:.1f}, k={SPEC_K}", per_token, "ms/token",
-                      "fp16 bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
+                      "bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
                       note=f"{tokens:.2f} tokens per verify step; plain decode {plain_ms:.2f} ms/token "
                       f"({plain_ms / per_token:.2f}x)")  # fmt: skip
 

@@ -385,3 +385,25 @@ def test_gpu_check_refuses_a_directory_holding_other_files(tmp_path):
     )
     assert p.returncode == 2 and "notes.txt" in p.stderr and "new or empty directory" in p.stderr
     assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_suite_speculative_section_on_the_cpu(benchmarks, tmp_path):
+    """suite.py --only speculative at tiny shapes: the draft's step, the verify/decode ratio and the projection,
+    each projected time per token computed from the measured steps as the docstring states."""
+    import suite
+
+    argv = ["--cpu", "--only", "speculative", "--copy-gbps", "10", "--out-dir", str(tmp_path)]
+    assert suite.main(argv) == 0
+    [record_file] = tmp_path.glob("*-speculative.json")
+    rows = json.loads(record_file.read_text())["rows"]
+    assert not [r for r in rows if r["note"].startswith(("error", "not run"))], rows
+    draft = next(r for r in rows if r["name"].startswith("draft decode step"))
+    ratio = next(r for r in rows if r["name"].startswith("verify step"))
+    projected = [r for r in rows if r["name"].startswith("projected")]
+    assert draft["value"] > 0 and ratio["value"] > 0 and ratio["baseline_value"] > 0
+    assert len(projected) == len(suite.SPEC_ACCEPTANCE)
+    per_token = [r["value"] for r in projected]
+    assert per_token == sorted(per_token, reverse=True)  # more accepted, less time per token
+    for r, a in zip(projected, suite.SPEC_ACCEPTANCE):
+        assert f"{(1 - a ** (suite.SPEC_K + 1)) / (1 - a):.2f} tokens per verify step" in r["note"]
+        assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])

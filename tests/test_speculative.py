@@ -248,6 +248,35 @@ def test_prefix_cache_holds_what_plain_decoding_leaves(engine_factory, fresh_see
     assert follow_tokens[0] == follow_tokens[1]
 
 
+def test_cached_blocks_hold_what_plain_decoding_computes(engine_factory, fresh_seed):
+    """After speculative runs, each completed sequence's cached blocks are the blocks plain decoding caches, holding
+    the same K/V (up to float rounding: verify steps compute them with prefill attention)."""
+    prompts = repetitive_prompts([18, 35], fresh_seed)
+    params = SamplingParams(max_tokens=45, **GREEDY)
+    found = []
+    for spec in (None, "[ngram]"):
+        engine, _ = engine_factory("hd64", speculative_model=spec)
+        outs = engine.generate(prompt_token_ids=prompts, sampling_params=params)
+        if spec:
+            assert engine.stats.spec_accepted > 0 and engine.stats.spec_proposed > engine.stats.spec_accepted
+        per_seq = []
+        for p, o in zip(prompts, outs):
+            tokens = p + o.outputs[0].token_ids
+            hits = engine.stats.prefix_hit_tokens
+            rid = engine.add_request(prompt_token_ids=tokens, sampling_params=SamplingParams(max_tokens=2, **GREEDY))
+            engine.step()  # admitted: its cached blocks looked up
+            n = (engine.stats.prefix_hit_tokens - hits) // 16
+            [seq] = engine._scheduler._core.request_seqs(engine._outputs.by_user_id[rid])
+            blocks = engine._scheduler.seq_info(seq)["blocks"][:n]
+            per_seq.append((n, engine._runner.kv_cache.data[:, :, blocks].clone()))
+            engine.abort(rid)
+        engine._scheduler.check()
+        found.append(per_seq)
+    for (n_plain, kv_plain), (n_spec, kv_spec) in zip(*found):
+        assert n_plain == n_spec > 0  # every verified full block, and nothing more
+        torch.testing.assert_close(kv_spec, kv_plain, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the native proposer
 
 
@@ -326,23 +355,28 @@ def test_native_proposals_and_acceptance_follow_the_rule(fresh_seed):
 # ----------------------------------------------------------------------------- a draft model
 
 
+def perturb(checkpoint, scale: float, seed: int) -> None:
+    """Adds Gaussian noise of `scale` times each weight matrix's spread to a saved checkpoint's matrices."""
+    from conftest import rewrite_weights
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def edit(tensors):
+        for t in tensors.values():
+            if t.dtype.is_floating_point and t.dim() == 2:
+                t += scale * t.std() * torch.randn(t.shape, generator=gen)
+
+    rewrite_weights(checkpoint, edit)
+
+
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory, tokenizer_dir):
     """Draft checkpoints for the hd64 target (seed 0): itself, itself with perturbed weights, an unrelated model."""
-    from conftest import rewrite_weights
-
     root = tmp_path_factory.mktemp("drafts")
     target = build_hf_model(SHAPES["hd64"], seed=0)
     same = save_checkpoint(target, root / "same", tokenizer=tokenizer_dir)
     perturbed = save_checkpoint(build_hf_model(SHAPES["hd64"], seed=0), root / "perturbed", tokenizer=tokenizer_dir)
-    gen = torch.Generator().manual_seed(11)
-
-    def perturb(tensors):
-        for name, t in tensors.items():
-            if t.dtype.is_floating_point and t.dim() == 2:
-                t += 0.15 * t.std() * torch.randn(t.shape, generator=gen)
-
-    rewrite_weights(perturbed, perturb)
+    perturb(perturbed, 0.15, seed=11)
     unrelated = save_checkpoint(build_hf_model(SHAPES["full-rotary"], seed=5), root / "unrelated", tokenizer=tokenizer_dir)
     return {"same": same, "perturbed": perturbed, "unrelated": unrelated}
 
@@ -390,21 +424,13 @@ def test_draft_model_under_preemption_n_samples_logprobs_and_abort(engine_factor
 def test_draft_model_sampling_follows_the_targets_distribution(tmp_path_factory, fresh_seed, top_p):
     """Rejection sampling against a draft whose distribution differs from the target's: the first three tokens'
     joint distribution is still the target's."""
-    from conftest import rewrite_weights
     import shutil
 
     vocab, draws = 6, 6000
     path, hf = _small_vocab_checkpoint(tmp_path_factory, vocab)
     draft = tmp_path_factory.mktemp("draft") / "d"
     shutil.copytree(path, draft)
-    gen = torch.Generator().manual_seed(5)
-
-    def perturb(tensors):
-        for name, t in tensors.items():
-            if t.dtype.is_floating_point and t.dim() == 2:
-                t += 2.0 * t.std() * torch.randn(t.shape, generator=gen)
-
-    rewrite_weights(draft, perturb)
+    perturb(draft, 2.0, seed=5)
     prompt = [1, 2, 3, 4, 1, 2]
     probs = _exact_three_token_probs(hf, prompt, vocab, top_p)
     params = [
