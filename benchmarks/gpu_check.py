@@ -20,6 +20,9 @@ Stages, in order of value:
                     time is left (suite.py --only decode)
     5 kernel-bench  the kernel microbenchmarks (suite.py --only kernels: bench_kernels.py per model size)
     6 suite-rest    time to first token and throughput (suite.py --only ttft throughput)
+    7 speculative   speculative decoding's step costs: verify and decode steps of 6B and 16B, a 350M
+                    draft's step, the projected 16B time per token (suite.py --only speculative), in
+                    whatever time the earlier stages left
 
 Each stage runs under coreutils' `timeout` (SIGINT at its limit, SIGKILL 10 s later; pytest's
 per-test --timeout where pytest-timeout is installed). Its limit is the
@@ -108,6 +111,7 @@ SPECS = (
     StageSpec("decode", "batch-1 decode against the bandwidth floor", 120, 60, 45, 15),
     StageSpec("kernel-bench", "kernel microbenchmarks", 90, 30, 30, 10),
     StageSpec("suite-rest", "time to first token and throughput", 120, 60, 30, 15),
+    StageSpec("speculative", "speculative decoding's step costs", 90, 30, 0, 15),
 )
 
 
@@ -475,6 +479,10 @@ class GpuCheck:
         read = self._read_suite(out, _rest_summary)
         return Step(self._suite(["ttft", "throughput"], out, limit), read, progress=_progress(out))
 
+    def _speculative(self, result: StageResult, limit: float) -> Step:
+        out = self.scratch / "speculative"
+        return Step(self._suite(["speculative"], out, limit), self._read_suite(out, _spec_summary), progress=_progress(out))
+
     # ------------------------------------------------------------------ commands and their results
 
     def _suite(self, sections: list[str], out: Path, limit: float, extra: Optional[list[str]] = None) -> list[str]:
@@ -701,6 +709,18 @@ def _rest_summary(rows: list[dict]) -> str:
             parts.append(f"{r['name']} {_num(r['value'])} tokens/s")
         elif r["section"] == "throughput" and r["ratio"]:
             parts.append(f"({r['ratio']:.1f}x transformers)")
+    return "; ".join(parts)
+
+
+def _spec_summary(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        if r["value"] is None:
+            continue
+        if r["name"].startswith("verify step"):
+            parts.append(f"{r['name'].split()[-1]} verify/decode {r['value']:.2f}x")
+        elif r["name"].startswith("projected") and "acceptance 0.8" in r["name"]:
+            parts.append(f"{r['name'].split()[2].rstrip(',')} at 0.8: {_num(r['value'])} ms/token ({r['ratio']:.2f}x the floor)")
     return "; ".join(parts)
 
 

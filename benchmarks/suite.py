@@ -667,7 +667,7 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
         free(plan.device)
     for name in plan.spec_targets:
         label = f"verify step (k={SPEC_K}) / decode step {name}"
-        if not budget.allows(2 * plan.startup_s + 20.0):
+        if not budget.allows(plan.startup_s + 5.0):
             yield Row("speculative", label, None, "x", note=OUT_OF_TIME)
             continue
         try:

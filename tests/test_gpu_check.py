@@ -23,7 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 STATUSES = {"ok", "failed", "timeout", "skipped"}
-STAGES = ["build", "environment", "kernel-tests", "engine-tests", "decode", "kernel-bench", "suite-rest"]
+STAGES = [
+    "build", "environment", "kernel-tests", "engine-tests", "decode", "kernel-bench", "suite-rest", "speculative"
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,11 @@ def test_cpu_mode_runs_the_suite_sections(cpu_run):
     assert ours and all(r["value"] > 0 for r in ours)
     peer = [r for r in ours if r["baseline"]]
     assert peer and peer[0]["ratio"] == pytest.approx(peer[0]["value"] / peer[0]["baseline_value"])
+    # The last stage, in the time left: speculative decoding's step costs, summarised at acceptance 0.8.
+    spec = _stage(summary, "speculative")
+    assert spec["status"] in STATUSES, spec
+    if spec["status"] == "ok":
+        assert "verify/decode" in spec["summary"] and "at 0.8:" in spec["summary"]
 
 
 def test_suite_only_writes_its_record_and_keeps_to_its_budget(benchmarks, tmp_path, capsys):
