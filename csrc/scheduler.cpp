@@ -456,40 +456,32 @@ void Scheduler::write_tokens(const Sequence* s, int32_t t) {
 
 // The rows sampled from the logits of s's last token: one, or n for a prompt about to fork.
 void Scheduler::write_samples(Sequence* s, int32_t logits_index, StepInfo& info) {
-  const RequestConfig& c = s->req->cfg;
   const int32_t n = samples_needed(s);
   // Forks first, the prompt sequence's own token last (update() forks from the unextended prompt).
-  for (int32_t j = 0; j < n; ++j) {
-    const int32_t row = info.num_samples++, index = n == 1 ? s->index : (j + 1) % n;
-    buf_.logits_indices[row] = logits_index;
-    buf_.temperature[row] = c.temperature;
-    buf_.top_k[row] = c.top_k;
-    buf_.top_p[row] = c.top_p;
-    buf_.sample_index[row] = index;
-    buf_.sample_request[row] = s->req->id;
-    buf_.spec_token[row] = -1;
-    if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
-    samples_.emplace_back(index, s);
-  }
+  for (int32_t j = 0; j < n; ++j) write_sample_row(s, n == 1 ? s->index : (j + 1) % n, logits_index, -1, info);
 }
 
 // A speculating sequence's rows, one per query token (its tokens start at index t of the step's):
 // row i checks proposal i; the last row draws the token after the last proposal.
 void Scheduler::write_verify_rows(Sequence* s, int32_t t, StepInfo& info) {
-  const RequestConfig& c = s->req->cfg;
   const int32_t m = static_cast<int32_t>(s->draft.size());
-  for (int32_t i = 0; i <= m; ++i) {
-    const int32_t row = info.num_samples++;
-    buf_.logits_indices[row] = t + i;
-    buf_.temperature[row] = c.temperature;
-    buf_.top_k[row] = c.top_k;
-    buf_.top_p[row] = c.top_p;
-    buf_.sample_index[row] = s->index;
-    buf_.sample_request[row] = s->req->id;
-    buf_.spec_token[row] = i < m ? s->draft[i] : -1;
-    if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
-    samples_.emplace_back(s->index, s);
-  }
+  for (int32_t i = 0; i <= m; ++i) write_sample_row(s, s->index, t + i, i < m ? s->draft[i] : -1, info);
+}
+
+// The next sampled row: completion `index` of s draws from the logits of token `logits_index`,
+// checking proposal `spec` (-1: none), on its request's sampling terms.
+void Scheduler::write_sample_row(Sequence* s, int32_t index, int32_t logits_index, int32_t spec, StepInfo& info) {
+  const RequestConfig& c = s->req->cfg;
+  const int32_t row = info.num_samples++;
+  buf_.logits_indices[row] = logits_index;
+  buf_.temperature[row] = c.temperature;
+  buf_.top_k[row] = c.top_k;
+  buf_.top_p[row] = c.top_p;
+  buf_.sample_index[row] = index;
+  buf_.sample_request[row] = s->req->id;
+  buf_.spec_token[row] = spec;
+  if (c.host_sampled) buf_.host_sampled_rows[info.num_host_sampled++] = row;
+  samples_.emplace_back(index, s);
 }
 
 // The prompt rows of s's tokens this step, which start at index t of the step's tokens.
@@ -663,11 +655,7 @@ const Events& Scheduler::update(const int32_t* sampled, const uint8_t* finite, i
       s->forked = true;  // the prompt sequence keeps completion 0
     }
     append(target, sampled[j]);
-    if (target->finish != kNotFinished) {
-      report(target, j, target->text.size());
-    } else if (target->req->cfg.report_tokens) {
-      report(target, j, stable_len(*target));
-    }
+    report_appended(target, j);
   }
   for (Sequence* s : running_) s->q_len = 0;
   samples_.clear();
@@ -702,13 +690,19 @@ int32_t Scheduler::accept(Sequence* s, int32_t j, const int32_t* sampled, const 
     ++stats_.spec_accepted;
   }
   s->draft.clear();
-  if (s->finish != kNotFinished) {
-    report(s, last, s->text.size());
-  } else {
-    trim_blocks(s);
-    if (s->req->cfg.report_tokens) report(s, last, stable_len(*s));
-  }
+  if (s->finish == kNotFinished) trim_blocks(s);
+  report_appended(s, last);
   return j + m + 1;
+}
+
+// The event owed for s after update() appended its token(s) up to sampled row `row`: it finished, or
+// its request reports its tokens.
+void Scheduler::report_appended(Sequence* s, int32_t row) {
+  if (s->finish != kNotFinished) {
+    report(s, row, s->text.size());
+  } else if (s->req->cfg.report_tokens) {
+    report(s, row, stable_len(*s));
+  }
 }
 
 // Frees the blocks past s's computed tokens (held only for rejected proposals): s then holds what a

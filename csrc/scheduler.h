@@ -346,6 +346,7 @@ class Scheduler {
   void write_samples(Sequence* s, int32_t logits_index, StepInfo& info);
   void write_prompt_logits(const Sequence* s, int32_t t, StepInfo& info);
   void write_verify_rows(Sequence* s, int32_t t, StepInfo& info);
+  void write_sample_row(Sequence* s, int32_t index, int32_t logits_index, int32_t spec, StepInfo& info);
   void admit(Sequence* s);
   void remove_running(Sequence* s);
   void preempt(Sequence* s);
@@ -360,6 +361,7 @@ class Scheduler {
   void finish(Sequence* s, int32_t reason, int64_t cut);
   void fail_request(Sequence* s, int32_t row);
   void report(Sequence* s, int32_t row, size_t end);
+  void report_appended(Sequence* s, int32_t row);
   size_t stable_len(const Sequence& s) const;
   Sequence* fork(Sequence* parent, int32_t index);
   Sequence* new_sequence(Request* req, int32_t index);

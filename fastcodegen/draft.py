@@ -26,8 +26,7 @@ import torch
 from . import _C
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
-from .request import sample_seed
-from .sampler import Proposals, filtered_probs
+from .sampler import Proposals, exponential_noise, filtered_probs, row_seed
 from .step import SHAPE_FIELDS, StepInputs
 
 # Salts a seeded request's draft draws apart from its target draws at the same place.
@@ -115,14 +114,12 @@ class DraftModel:
                 torch.as_tensor(host["top_k"][r], device=device),
                 torch.as_tensor(host["top_p"][r], device=device),
             )
-            noise = torch.empty_like(q).exponential_(generator=self.generator)
+            seeds = {}
             for j, row in enumerate(r.tolist()):
                 req = requests.get(int(host["sample_request"][row]))
-                if req is not None and req.params.seed is not None:  # the place of the token the row checks
-                    place = int(host["positions"][host["logits_indices"][row]]) + 1 - len(req.prompt_token_ids)
-                    seed = sample_seed(req.params.seed ^ DRAFT_SEED_SALT, int(host["sample_index"][row]), place)
-                    noise[j].exponential_(generator=self._seeded.manual_seed(seed))
-            noise.clamp_(min=torch.finfo(torch.float32).tiny)
+                if req is not None and req.params.seed is not None:
+                    seeds[j] = row_seed(host, row, req, DRAFT_SEED_SALT)  # the place of the token the row checks
+            noise = exponential_noise(q, self.generator, self._seeded, seeds)
             tokens[at] = (q / noise).argmax(dim=-1)
             dist[at] = q
         greedy = torch.as_tensor(np.flatnonzero(temperature == 0), device=device)

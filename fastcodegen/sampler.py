@@ -29,8 +29,27 @@ import torch
 
 from .request import sample_seed
 
-# Salts a seeded row's acceptance draws apart from its sampling noise.
+# Salt a seeded row's acceptance draw and its residual draw apart from its sampling noise.
 VERIFY_SEED_SALT = 0x5DEECE66D
+RESIDUAL_SEED_SALT = 0x27BB2EE687B0B0FD
+
+
+def row_seed(host: dict, row: int, req, salt: int = 0) -> int:
+    """The noise seed of a seeded request's sampled row: per (its seed, salted; its completion; the place in the
+    completion of the token the row draws). `host` is the step's arrays."""
+    place = int(host["positions"][host["logits_indices"][row]]) + 1 - len(req.prompt_token_ids)
+    return sample_seed(req.params.seed ^ salt, int(host["sample_index"][row]), place)
+
+
+def exponential_noise(
+    like: torch.Tensor, generator: torch.Generator, seeded: torch.Generator, seeds: dict[int, int]
+) -> torch.Tensor:
+    """Exp(1) noise shaped like `like` [R, V] from `generator`, rows in `seeds` (row -> seed) redrawn from their own
+    seed (`seeded` is reseeded for each), kept above 0 so that the race's division is finite."""
+    noise = torch.empty_like(like).exponential_(generator=generator)
+    for row, seed in seeds.items():
+        noise[row].exponential_(generator=seeded.manual_seed(seed))
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -72,9 +91,8 @@ class SamplingInputs:
         for row in host["host_sampled_rows"].tolist() if requests is not None else ():
             req = requests[int(host["sample_request"][row])]
             p = req.params
-            if p.seed is not None:  # the place in the completion of the token this row draws
-                place = int(host["positions"][host["logits_indices"][row]]) + 1 - len(req.prompt_token_ids)
-                seeds[row] = sample_seed(p.seed, int(host["sample_index"][row]), place)
+            if p.seed is not None:
+                seeds[row] = row_seed(host, row, req)
             if p.logprobs is not None:
                 logprobs[row] = p.logprobs
             if p.adjusts_logits:
@@ -199,10 +217,7 @@ class Sampler:
                 probs = filtered_probs(scores, temperature, inputs.top_k, inputs.top_p)
             else:
                 probs = (scores / temperature[:, None]).softmax(dim=-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for row, seed in inputs.seeds.items():
-                noise[row].exponential_(generator=self._seeded.manual_seed(seed))
-            noise.clamp_(min=torch.finfo(torch.float32).tiny)
+            noise = exponential_noise(probs, self.generator, self._seeded, inputs.seeds)
             tokens = torch.where(inputs.temperature > 0, (probs / noise).argmax(dim=-1), tokens)
             if inputs.proposals is not None:
                 self._verify(tokens, probs, inputs)
@@ -233,15 +248,13 @@ class Sampler:
         x = prop.tokens[at]
         p, q = probs[r], prop.probs[at]
         px, qx = p.gather(1, x[:, None])[:, 0], q.gather(1, x[:, None])[:, 0]
+        seeded = {j: inputs.seeds[row] for j, row in enumerate(rows.tolist()) if row in inputs.seeds}
         u = torch.rand(len(rows), generator=self.generator, device=device)
-        noise = torch.empty_like(p).exponential_(generator=self.generator)
-        for j, row in enumerate(rows.tolist()):
-            seed = inputs.seeds.get(row)
-            if seed is not None:
-                g = self._seeded.manual_seed(seed ^ VERIFY_SEED_SALT)
-                u[j] = torch.rand((), generator=g, device=device)
-                noise[j].exponential_(generator=g)
-        noise.clamp_(min=torch.finfo(torch.float32).tiny)
+        for j, seed in seeded.items():
+            u[j] = torch.rand((), generator=self._seeded.manual_seed(seed ^ VERIFY_SEED_SALT), device=device)
+        noise = exponential_noise(
+            p, self.generator, self._seeded, {j: seed ^ RESIDUAL_SEED_SALT for j, seed in seeded.items()}
+        )
         residual = (p - q).clamp_(min=0.0)
         mass = residual.sum(dim=-1, keepdim=True)
         residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(torch.float32).tiny), p)

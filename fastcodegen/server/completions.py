@@ -7,9 +7,10 @@ request with the same seed gets. With echo, the prompt's text comes first (a
 chunk of its own), and with logprobs too, its tokens lead the choice's
 logprobs (the first with None): that chunk waits for the prompt's first
 output, which carries the prompt's log-probabilities. max_tokens 0 (with echo)
-answers with the prompt alone: the one token the engine draws is left out. A client that goes away (a closed stream, or
-a dropped connection while a non-streamed request runs) has its requests
-aborted before the engine's next step.
+answers with the prompt alone: the one token the engine draws is left out.
+A client that goes away (a closed stream, or a dropped connection while a
+non-streamed request runs) has its requests aborted before the engine's next
+step.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class _Answer:
             for i in range(n)
         }
         prompt_tokens: dict[int, int] = {}
+        prompt_logprobs: dict[int, Optional[dict]] = {}  # per prompt, built once for its n echo chunks
         completion_tokens: dict[tuple[int, int], int] = {}
         # The echo chunks go first; with logprobs, each waits for its prompt's first output, which scores it.
         if job.echo and job.logprobs is None:
@@ -225,7 +227,9 @@ class _Answer:
                     st = states[(p, c.index)]
                     if not st.echoed and job.echo:
                         st.echoed = True
-                        yield self._chunk([choice_body(p * n + c.index, self.echo[p], self._prompt_logprobs(out), None)])
+                        if p not in prompt_logprobs:
+                            prompt_logprobs[p] = self._prompt_logprobs(out)
+                        yield self._chunk([choice_body(p * n + c.index, self.echo[p], prompt_logprobs[p], None)])
                     if job.scores_only:
                         completion_tokens[(p, c.index)] = 0
                         if not st.done and c.finish_reason is not None:
