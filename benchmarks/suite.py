@@ -649,17 +649,18 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
     decode step, and from them the time per token as a function of the acceptance rate.
 
     Each step is one forward of the model over a sequence with `prompt_len` tokens of context (dummy weights),
-    timed eagerly (the engine runs verify steps eagerly; plain decode replays a CUDA graph, timed too where there
-    is one). With acceptance rate a and k proposals, a verify step yields (1 - a^(k+1)) / (1 - a) tokens on
-    average and costs one verify step plus k draft decode steps plus the draft's pass over the verified tokens.
+    timed eagerly and, where the engine captures CUDA graphs, replayed from the graph the engine replays for it
+    (its decode graph, its verify graph) over the same buffers. With acceptance rate a and k proposals, a verify
+    step yields (1 - a^(k+1)) / (1 - a) tokens on average and costs one verify step plus k + 1 draft decode steps
+    (k proposals, then the draft's pass over the last one).
     """
-    draft_ms: Optional[float] = None
     try:
         if not budget.allows(plan.startup_s + 10.0):
             yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=OUT_OF_TIME)
             return
-        draft_ms, draft_verify_ms, _ = _step_times(plan.spec_draft, plan, SPEC_K + 1)
-        yield Row("speculative", f"draft decode step {plan.spec_draft}", draft_ms, "ms")
+        draft = _step_times(plan.spec_draft, plan, SPEC_K + 1)
+        draft_ms = draft.decode_graph if draft.decode_graph is not None else draft.decode
+        yield Row("speculative", f"draft decode step {plan.spec_draft}", draft_ms, "ms", note=draft.note())
     except Exception as e:
         yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=_error(e))
         return
@@ -671,31 +672,50 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
             yield Row("speculative", label, None, "x", note=OUT_OF_TIME)
             continue
         try:
-            decode_ms, verify_ms, graph_ms = _step_times(name, plan, SPEC_K + 1)
+            t = _step_times(name, plan, SPEC_K + 1)
         except Exception as e:
             yield Row("speculative", label, None, "x", note=_error(e))
             continue
         finally:
             free(plan.device)
         floor_ms = 1e3 * floor_s(model_config(name), plan, copy_gbps)
-        plain_ms = graph_ms if graph_ms is not None else decode_ms
-        yield Row("speculative", label, verify_ms / decode_ms, "x", "decode step (eager)", decode_ms,
-                  note=f"verify {verify_ms:.2f} ms, decode {decode_ms:.2f} ms eager"
-                  + (f", {graph_ms:.2f} ms as a CUDA graph" if graph_ms is not None else ""))  # fmt: skip
+        graphed = t.decode_graph is not None and t.verify_graph is not None
+        plain_ms, verify_ms = (t.decode_graph, t.verify_graph) if graphed else (t.decode, t.verify)
+        how = "CUDA graphs" if graphed else "eager"
+        yield Row("speculative", label, verify_ms / plain_ms, "x", f"decode step ({how})", plain_ms, note=t.note())
         for a in SPEC_ACCEPTANCE:
             tokens = (1 - a ** (SPEC_K + 1)) / (1 - a)
-            per_token = (verify_ms + SPEC_K * draft_ms + draft_verify_ms) / tokens
+            per_token = (verify_ms + (SPEC_K + 1) * draft_ms) / tokens
             yield Row("speculative", f"projected ms/token {name}, acceptance {a:.1f}, k={SPEC_K}", per_token, "ms/token",
                       "bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
                       note=f"{tokens:.2f} tokens per verify step; plain decode {plain_ms:.2f} ms/token "
-                      f"({plain_ms / per_token:.2f}x)")  # fmt: skip
+                      f"({plain_ms / per_token:.2f}x, {how})")  # fmt: skip
 
 
-def _step_times(name: str, plan: Plan, verify_tokens: int) -> tuple[float, float, Optional[float]]:
-    """(1-token decode step ms, `verify_tokens`-token step ms, both eager; the decode step as a CUDA graph, if any)."""
+@dataclass
+class StepTimes:
+    """ms of a 1-token decode step and a verify step, eager and (where captured) replayed from CUDA graphs."""
+
+    decode: float
+    verify: float
+    decode_graph: Optional[float]
+    verify_graph: Optional[float]
+
+    def note(self) -> str:
+        out = f"eager: decode {self.decode:.2f} ms, verify {self.verify:.2f} ms"
+        if self.decode_graph is not None:
+            out += f"; CUDA graphs: decode {self.decode_graph:.2f} ms"
+        if self.verify_graph is not None:
+            out += f", verify {self.verify_graph:.2f} ms"
+        return out
+
+
+def _step_times(name: str, plan: Plan, verify_tokens: int) -> StepTimes:
+    """The decode and `verify_tokens`-token steps of one sequence, eager and replayed from the engine's graphs."""
     from fastcodegen.step import SHAPE_FIELDS, StepInputs
 
-    with engine_for(name, plan, max_num_seqs=8) as engine:
+    spec = dict(speculative_model="[ngram]", num_speculative_tokens=verify_tokens - 1)
+    with engine_for(name, plan, max_num_seqs=8, **spec) as engine:
         runner = engine._runner
         dev = plan.device
         context = plan.prompt_len
@@ -720,16 +740,25 @@ def _step_times(name: str, plan: Plan, verify_tokens: int) -> tuple[float, float
             with torch.inference_mode():
                 runner.model.compute_logits(runner.model.forward(s, runner.kv_cache)[s.logits_indices])
 
+        def replay(graphs, s: StepInputs, pad: Callable[[], None]) -> Callable[[], object]:
+            """The graph of one row over the runner's buffers, filled with `s` then padded as the runner pads."""
+            for field, t in s.tensors.items():
+                runner._dev.tensors[field][tuple(slice(0, n) for n in t.shape)].copy_(t)
+            pad()
+            return lambda: graphs.replay(1)
+
         def best(fn: Callable[[], object], reps: int = 20) -> float:
             fn()
             return 1e3 * min(timed(fn, dev) for _ in range(reps))
 
         one, many = step(1), step(verify_tokens)
-        decode_ms, verify_ms = best(lambda: forward(one)), best(lambda: forward(many))
-        graph_ms = None
-        if runner.graphs is not None and runner.graphs.fits(1):
-            graph_ms = best(lambda: runner.graphs.replay(runner.graphs.bucket(1)))
-    return decode_ms, verify_ms, graph_ms
+        times = StepTimes(best(lambda: forward(one)), best(lambda: forward(many)), None, None)
+        if runner.graphs is not None:
+            times.decode_graph = best(replay(runner.graphs, one, lambda: runner._dev.pad_decode(1, 1)))
+        if runner.verify_graphs is not None:
+            pad = lambda: runner._dev.pad_ragged(1, verify_tokens, 1, verify_tokens)  # noqa: E731
+            times.verify_graph = best(replay(runner.verify_graphs, many, pad))
+    return times
 
 
 EVAL_MODELS = ["codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono"]

@@ -1,16 +1,20 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Steps replayed from CUDA graphs, one graph per batch-size bucket.
 
 A decode step of a small model is a few hundred kernel launches that each run
 for microseconds: launching them one by one from Python costs more than they
 do. A CUDA graph records them once and replays them with one call. Each
 bucket's graph is captured after an eager warm-up of the same bucket (Triton
 compiles and picks its configs then, never during capture), largest bucket
-first, all into one memory pool.
+first, into the one memory pool all the engine's graphs share.
 
-A graph reads the model runner's persistent device buffers, which the
-runner fills and pads before each replay. Sampling stays outside the graph.
-This object holds the graphs and their outputs only, not the runner that
-fills their inputs, so nothing here keeps a closed engine's memory alive.
+A graph reads persistent device buffers, which its owner fills and pads
+before each replay: the model runner's for the target's decode steps and
+verify steps (speculative decoding), the draft model's own for its decode
+passes. A bucket's padding step fixes the shapes the graph was captured with
+(rows, tokens, the longest query); a step replays the graph of the smallest
+bucket it fits. Sampling stays outside the graphs. This object holds the
+graphs and their outputs only, not the model that fills their inputs, so
+nothing here keeps a closed engine's memory alive.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .config import EngineConfig
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
 from .step import StepInputs
@@ -35,10 +40,28 @@ def default_buckets(max_rows: int) -> list[int]:
     return out
 
 
+def verify_buckets(engine: EngineConfig) -> list[int]:
+    """The verify graphs' buckets of rows: up to the most sequences that speculate in one step, none without
+    speculative decoding. A bucket of B rows runs B * (k + 1) tokens, so none exceeds max_num_batched_tokens."""
+    k = engine.num_speculative_tokens
+    if not k:
+        return []
+    rows = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
+    return [b for b in default_buckets(rows) if b * (k + 1) <= engine.max_num_batched_tokens]
+
+
 class CudaGraphs:
-    def __init__(self, buckets: list[int]):
+    """One graph per bucket of rows: a forward of `model` and its logits over every token of the bucket's padding step."""
+
+    def __init__(self, buckets: list[int], name: str = "decode steps"):
         self.buckets = sorted(buckets)
+        self.name = name  # what the graphs run, for the log
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @staticmethod
+    def new_pool() -> tuple:
+        """A memory pool for graphs to share (pass it to every `capture`)."""
+        return torch.cuda.graph_pool_handle()
 
     def fits(self, rows: int) -> bool:
         return rows <= self.buckets[-1]
@@ -47,10 +70,17 @@ class CudaGraphs:
         return self.buckets[bisect.bisect_left(self.buckets, rows)]
 
     @torch.inference_mode()
-    def capture(self, model: CodeGenModel, kv_cache: KVCache, padding_step: Callable[[int], StepInputs]) -> None:
-        """Captures every bucket; `padding_step(b)` fills the persistent buffers with a b-row padding step."""
+    def capture(
+        self, model: CodeGenModel, kv_cache: KVCache, padding_step: Callable[[int], StepInputs], pool: tuple
+    ) -> None:
+        """Captures every bucket; `padding_step(b)` fills the persistent buffers with a b-row padding step.
+
+        `pool`: the memory pool (torch.cuda.graph_pool_handle()) all the
+        engine's graphs share. They replay one at a time on one stream, and
+        the caller consumes a replay's logits (copies what it keeps) before
+        the next replay, which may reuse their memory as scratch.
+        """
         device = kv_cache.data.device
-        pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
             step = padding_step(b)
             for _ in range(2):  # warm-up: compiles the kernels for this shape
@@ -61,10 +91,10 @@ class CudaGraphs:
                 logits = model.compute_logits(model.forward(step, kv_cache))
             self._graphs[b] = (graph, logits)
         torch.cuda.synchronize(device)
-        logger.info("captured CUDA graphs for decode batches %s", self.buckets)
+        logger.info("captured CUDA graphs for %s, batches %s", self.name, self.buckets)
 
     def replay(self, bucket: int) -> torch.Tensor:
-        """Replays a bucket's graph on what the persistent buffers hold; its logits [bucket, vocab_size]."""
+        """Replays a bucket's graph on what the persistent buffers hold; its logits [bucket tokens, vocab_size]."""
         graph, logits = self._graphs[bucket]
         graph.replay()
         return logits

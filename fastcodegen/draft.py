@@ -14,6 +14,13 @@ token, then the proposals so far) at its position and KV slot, and drawing
 proposal i + 1 from the draft's distribution, filtered like the target's
 (temperature, top-k, top-p; greedy rows take the argmax). The distributions
 are kept for the target's rejection sampling (sampler.py).
+
+After the target's forward, the draft runs the step's tokens those passes did
+not: all of a row that made no proposals, only the last proposal of one that
+did (the passes read its last token and every proposal but the last). In a
+decode or verify step that is one token a row, a decode step. With CUDA
+graphs, every decode-shaped pass replays a graph of its bucket of rows,
+captured over the draft's own persistent buffers.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import numpy as np
 import torch
 
 from . import _C
+from .cuda_graphs import CudaGraphs
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
 from .sampler import Proposals, exponential_noise, filtered_probs, row_seed
-from .step import SHAPE_FIELDS, StepInputs
+from .step import SHAPE_FIELDS, StepBuffers, StepInputs
 
 # Salts a seeded request's draft draws apart from its target draws at the same place.
 DRAFT_SEED_SALT = 0x2545F4914F6CDD1D
@@ -36,12 +44,31 @@ DRAFT_SEED_SALT = 0x2545F4914F6CDD1D
 class DraftModel:
     """The draft's weights and KV cache, and the passes that make a step's proposals."""
 
-    def __init__(self, model: CodeGenModel, kv_cache: KVCache, vocab_limit: int, generator: torch.Generator):
+    def __init__(
+        self,
+        model: CodeGenModel,
+        kv_cache: KVCache,
+        vocab_limit: int,
+        generator: torch.Generator,
+        buffers: Optional[StepBuffers] = None,
+    ):
+        """`buffers`: persistent buffers of the step's device fields, which the decode passes' graphs read
+        (`capture`); None runs every pass eagerly."""
         self.model = model
         self.kv_cache = kv_cache
         self.vocab_limit = vocab_limit
         self.generator = generator  # the engine's: unseeded rows' draws
         self._seeded = torch.Generator(device=generator.device)
+        self._buffers = buffers
+        self.graphs: Optional[CudaGraphs] = None
+        self._computed: Optional[np.ndarray] = None  # the step's tokens the last proposal passes ran
+
+    def capture(self, buckets: list[int], pool: tuple, max_model_len: int) -> None:
+        """Captures the decode passes of `buckets` rows as CUDA graphs over the persistent buffers."""
+        self.graphs = CudaGraphs(buckets, "the draft's decode passes")
+        self.graphs.capture(
+            self.model, self.kv_cache, lambda b: self._buffers.padding_step(b, b, 1, max_model_len), pool
+        )
 
     @torch.inference_mode()
     def propose(self, step: StepInputs, dev: StepInputs, requests: dict) -> Optional[Proposals]:
@@ -53,6 +80,7 @@ class DraftModel:
         host = step.arrays
         spec = host["spec_token"]
         pending = np.flatnonzero(spec == _C.DRAFT_PENDING)
+        self._computed = None
         if not len(pending):
             return None
         # A speculating sequence's rows are consecutive: its pending proposals, then its own token's.
@@ -61,7 +89,7 @@ class DraftModel:
         first_token = host["logits_indices"][starts]  # the step's index of each sequence's last token
         batch_row = np.searchsorted(host["query_start_loc"], first_token, side="right") - 1
         device = dev.input_ids.device
-        rows, tokens, probs = [], [], []
+        rows, tokens, probs, read = [], [], [], []
         for i in range(max(runs)):
             active = np.array([j for j, m in enumerate(runs) if m > i])
             at = first_token[active] + i  # the token this pass reads; its proposal goes at + 1
@@ -72,16 +100,33 @@ class DraftModel:
             rows.append(row)
             tokens.append(drawn)
             probs.append(dist)
+            read.append(at)
+        self._computed = np.concatenate(read)
         order = np.argsort(np.concatenate(rows), kind="stable")
         rows_all = np.concatenate(rows)[order]
         index = torch.as_tensor(order, device=device)
         return Proposals(rows_all, torch.cat(tokens)[index], torch.cat(probs)[index])
 
-    def _decode(self, dev: StepInputs, at: np.ndarray, batch_rows: np.ndarray, max_context: int) -> torch.Tensor:
-        """One decode pass of the draft over the step's tokens `at` (one per sequence): logits [n, vocab_limit]."""
+    def _decode(
+        self, dev: StepInputs, at: np.ndarray, batch_rows: np.ndarray, max_context: int, logits: bool = True
+    ) -> Optional[torch.Tensor]:
+        """One decode pass of the draft over the step's tokens `at`, the last of their rows `batch_rows` so far:
+        logits [n, vocab_limit] (None when not wanted, unless a graph made them anyway).
+
+        A replayed graph's logits are its output: read them before the next replay.
+        """
         device = dev.input_ids.device
         idx = torch.as_tensor(at, device=device)
+        rows = torch.as_tensor(batch_rows, device=device)
         n = len(at)
+        if self.graphs is not None and self.graphs.fits(n):
+            t = self._buffers.tensors
+            for name in ("input_ids", "positions", "slot_mapping", "block_tables"):
+                torch.index_select(getattr(dev, name), 0, rows if name == "block_tables" else idx, out=t[name][:n])
+            t["context_lens"][:n] = t["positions"][:n] + 1
+            bucket = self.graphs.bucket(n)
+            self._buffers.pad_decode(n, bucket)
+            return self.graphs.replay(bucket)[:n, : self.vocab_limit]
         positions = dev.positions[idx]
         tensors = {
             "input_ids": dev.input_ids[idx],
@@ -89,14 +134,14 @@ class DraftModel:
             "slot_mapping": dev.slot_mapping[idx],
             "query_start_loc": torch.arange(n + 1, dtype=torch.int32, device=device),
             "context_lens": (positions + 1).to(torch.int32),
-            "block_tables": dev.block_tables[torch.as_tensor(batch_rows, device=device)],
+            "block_tables": dev.block_tables[rows],
         }
         shape = dict.fromkeys(SHAPE_FIELDS, 0) | {
             "num_rows": n, "num_tokens": n, "num_samples": n, "max_query_len": 1, "max_context_len": max_context,
             "is_decode": True,
         }  # fmt: skip
         hidden = self.model.forward(StepInputs(shape, tensors), self.kv_cache)
-        return self.model.compute_logits(hidden)[:, : self.vocab_limit].float()
+        return self.model.compute_logits(hidden)[:, : self.vocab_limit].float() if logits else None
 
     def _draw(self, logits: torch.Tensor, host: dict, rows: np.ndarray, requests: dict):
         """Each row's proposal and the distribution it was drawn from, on the target row's sampling terms."""
@@ -127,9 +172,34 @@ class DraftModel:
         return tokens, dist
 
     @torch.inference_mode()
-    def follow(self, dev: StepInputs) -> None:
-        """Runs the target's step through the draft, so its cache holds the K/V of every token the target computed."""
-        self.model.forward(dev, self.kv_cache)
+    def follow(self, step: StepInputs, dev: StepInputs) -> None:
+        """Runs the step's tokens the proposal passes did not through the draft, so that its cache holds the K/V
+        of every token the target computed (`step` in host memory, `dev` on the device)."""
+        computed, self._computed = self._computed, None
+        host = step.arrays
+        starts = host["query_start_loc"]
+        if computed is None:
+            if not step.is_decode:
+                self.model.forward(dev, self.kv_cache)
+                return
+            keep = np.arange(step.num_tokens)
+        else:
+            keep = np.setdiff1d(np.arange(step.num_tokens), computed, assume_unique=True)
+        if not len(keep):
+            return
+        # Each row keeps a suffix of its tokens: its context length is unchanged.
+        counts = np.diff(np.searchsorted(keep, starts))
+        max_context = int(host["context_lens"].max(initial=0))
+        if (counts == 1).all():
+            self._decode(dev, keep, np.arange(step.num_rows), max_context, logits=False)
+            return
+        index = torch.as_tensor(keep, device=dev.input_ids.device)
+        tensors = dict(dev.tensors)
+        for name in ("input_ids", "positions", "slot_mapping"):
+            tensors[name] = getattr(dev, name)[index]
+        tensors["query_start_loc"] = torch.as_tensor(np.r_[0, np.cumsum(counts)], dtype=torch.int32, device=index.device)
+        shape = dev.shape() | {"num_tokens": len(keep), "max_query_len": int(counts.max()), "is_decode": False}
+        self.model.forward(StepInputs(shape, tensors), self.kv_cache)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]

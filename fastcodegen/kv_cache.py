@@ -48,11 +48,11 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     The eager forward at the largest prefill, the logits of the most rows a
     step samples and the sampler's temporaries over them, and (when decode
     steps are captured) the CUDA graphs' private memory pool, which eager
-    steps cannot reuse.
+    steps cannot reuse (`graph_bytes`).
     """
     element = torch.empty((), dtype=engine.dtype).element_size()
     d, f, v = model.n_embd, model.n_inner, model.vocab_size
-    per_token = (3 * d + f) + (d + f) + 4 * d  # w_in output, w_out input, residual/LN copies
+    per_token = _activations_per_token(model)
     # fp32 scores, their mask and softmax for the longest prompt (the torch backend's attention)
     scores = 3 * model.n_head * engine.max_model_len * engine.max_model_len * 4
     forward = 2 * engine.max_num_batched_tokens * per_token * element + scores
@@ -60,11 +60,31 @@ def activation_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     # Sampled rows [S, V]: the logits in the model dtype and in float32, and the sampler's work over them
     # (scaled logits, sorted values and int64 order, cumulative sums, masks, probabilities, noise).
     sampler = engine.max_samples * v * (element + SAMPLER_BYTES_PER_LOGIT)
-    graphs = 0
-    if engine.uses_cuda_graphs:
-        rows = engine.max_num_seqs
-        graphs = 2 * rows * per_token * element + rows * v * (element + 4) + split_k_scratch_bytes(3 * d + f)
-    return forward + sampler + graphs
+    return forward + sampler + graph_bytes(model, engine)
+
+
+def _activations_per_token(model: ModelConfig) -> int:
+    """Elements a token's activations take in a layer: w_in's output, w_out's input, residual and LN copies."""
+    d, f = model.n_embd, model.n_inner
+    return (3 * d + f) + (d + f) + 4 * d
+
+
+def graph_bytes(model: ModelConfig, engine: EngineConfig) -> int:
+    """An upper estimate of the memory the CUDA graphs of `model` keep (0 without graphs).
+
+    Their largest bucket's activations and logits: a decode step of every
+    sequence, or a verify step of k + 1 tokens for each that speculates.
+    """
+    if not engine.uses_cuda_graphs:
+        return 0
+    element = torch.empty((), dtype=engine.dtype).element_size()
+    d, f, v = model.n_embd, model.n_inner, model.vocab_size
+    per_token = _activations_per_token(model)
+    k = engine.num_speculative_tokens
+    speculating = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
+    verify = min(speculating * (k + 1), engine.max_num_batched_tokens) if k else 0
+    rows = max(engine.max_num_seqs, verify)
+    return 2 * rows * per_token * element + rows * v * (element + 4) + split_k_scratch_bytes(3 * d + f)
 
 
 # Bytes the sampler's temporaries take per logit of a sampled row (float32 copies, an int64 sort order).
@@ -96,7 +116,7 @@ def num_kv_blocks(
         return CPU_DEFAULT_CONTEXTS * min_blocks
     free, total = torch.cuda.mem_get_info(engine.device)
     cached_unused = torch.cuda.memory_reserved(engine.device) - torch.cuda.memory_allocated(engine.device)
-    working = activation_bytes(model, engine)
+    working = activation_bytes(model, engine) + (graph_bytes(draft, engine) if draft is not None else 0)
     share = int(total * engine.gpu_memory_utilization) - weight_bytes - working
     available = free + cached_unused - working
     budget = min(share, available)

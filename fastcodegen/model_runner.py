@@ -7,6 +7,14 @@ graphs it captures at start read them. A decode step with R rows replays the
 graph of the smallest bucket B >= R, its rows R..B-1 padded on the device
 buffers with slot -1 (no K/V store) and context length 0 (attention writes
 zeros).
+
+With speculative decoding, a step that is not a decode step but whose every
+row has at most k + 1 new tokens (a verify step: each speculating sequence's
+last token and its k proposals, beside plain decodes) replays a verify graph:
+bucket B was captured with B rows and B * (k + 1) tokens through the prefill
+attention kernel, whose grid depends on those counts alone. Its padding
+tokens store nothing and belong to no row; its padding rows have no tokens.
+The draft model's decode passes replay graphs of their own (draft.py).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, ModelConfig
-from .cuda_graphs import CudaGraphs, default_buckets
+from .cuda_graphs import CudaGraphs, default_buckets, verify_buckets
 from .draft import DraftModel
 from .kv_cache import KVCache
 from .models.codegen import CodeGenModel
@@ -58,20 +66,35 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(engine_config.seed)
         self.sampler = Sampler(min(vocab_limit, model_config.vocab_size), generator)
+        self.max_model_len = engine_config.max_model_len
+        graphed = engine_config.uses_cuda_graphs
+        device_fields = [f for f in step_fields if f.on_device]
         self.draft: Optional[DraftModel] = None
         self._proposals: Optional[Proposals] = None  # the last execute()'s draft proposals, for run()
         if draft is not None:
             d_config, d_weights = draft
             d_ops = make_ops(d_config, engine_config.backend, self.device, engine_config.max_model_len)
             d_cache = KVCache(d_config, num_blocks, engine_config.block_size, self.device, engine_config.dtype)
-            self.draft = DraftModel(CodeGenModel(d_config, d_weights, d_ops), d_cache, self.sampler.vocab_limit, generator)
+            self.draft = DraftModel(
+                CodeGenModel(d_config, d_weights, d_ops), d_cache, self.sampler.vocab_limit, generator,
+                StepBuffers(device_fields, self.device) if graphed else None,
+            )  # fmt: skip
         self._dev: Optional[StepBuffers] = None
-        if self.device.type == "cuda":
-            self._dev = StepBuffers([f for f in step_fields if f.on_device], self.device)
+        if self.device.type == "cuda" or graphed:
+            self._dev = StepBuffers(device_fields, self.device)
         self.graphs: Optional[CudaGraphs] = None
-        if engine_config.uses_cuda_graphs:
+        self.verify_graphs: Optional[CudaGraphs] = None
+        self.verify_query_len = engine_config.num_speculative_tokens + 1  # the verify graphs' longest query
+        if graphed:
+            pool = CudaGraphs.new_pool()
             self.graphs = CudaGraphs(default_buckets(engine_config.max_num_seqs))
-            self.graphs.capture(self.model, self.kv_cache, self._padding_step)
+            self.graphs.capture(self.model, self.kv_cache, self._padding_step, pool)
+            buckets = verify_buckets(engine_config)
+            if buckets:
+                self.verify_graphs = CudaGraphs(buckets, f"verify steps of up to {self.verify_query_len} tokens a row")
+                self.verify_graphs.capture(self.model, self.kv_cache, self._verify_padding_step, pool)
+            if self.draft is not None:
+                self.draft.capture(default_buckets(engine_config.max_num_seqs), pool, self.max_model_len)
 
     def run(self, step: StepInputs, requests: dict[int, RequestState]) -> Sampled:
         """The step's forward and its sampled tokens; `requests` (by scheduler id) own the rows sampled on their terms.
@@ -130,11 +153,20 @@ class ModelRunner:
             bucket = self.graphs.bucket(step.num_rows)
             self._dev.pad_decode(step.num_rows, bucket)
             logits = self.graphs.replay(bucket)[rows]
+        elif self._verify_fits(step):
+            bucket = self.verify_graphs.bucket(step.num_rows)
+            self._dev.pad_ragged(step.num_rows, step.num_tokens, bucket, bucket * self.verify_query_len)
+            logits = self.verify_graphs.replay(bucket)[rows]
         else:
             logits = self.model.compute_logits(self.model.forward(dev, self.kv_cache)[rows])
         if self.draft is not None:
-            self.draft.follow(dev)
+            self.draft.follow(step, dev)
         return logits
+
+    def _verify_fits(self, step: StepInputs) -> bool:
+        """Whether a step that is not a decode step replays a verify graph (at most k + 1 new tokens a row)."""
+        g = self.verify_graphs
+        return g is not None and not step.is_decode and step.max_query_len <= self.verify_query_len and g.fits(step.num_rows)
 
     def _on_device(self, step: StepInputs) -> StepInputs:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""
@@ -151,11 +183,11 @@ class ModelRunner:
 
     def _padding_step(self, rows: int) -> StepInputs:
         """A decode step of `rows` padding rows only, on the device buffers (to capture a bucket's graph)."""
-        shape = dict.fromkeys(SHAPE_FIELDS, 0) | {"num_rows": rows, "num_tokens": rows, "max_query_len": 1}
-        shape["is_decode"] = True
-        self._dev.tensors["query_start_loc"][0] = 0
-        self._dev.pad_decode(0, rows)
-        return self._dev.step(shape)
+        return self._dev.padding_step(rows, rows, 1, self.max_model_len)
+
+    def _verify_padding_step(self, rows: int) -> StepInputs:
+        """A verify step of `rows` padding rows and rows * (k + 1) padding tokens, to capture a verify graph."""
+        return self._dev.padding_step(rows, rows * self.verify_query_len, self.verify_query_len, self.max_model_len)
 
     def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copies whole KV blocks (every layer, K and V): a sample's own copy of a block it shared."""
@@ -166,9 +198,10 @@ class ModelRunner:
 
     def close(self) -> None:
         """Drops the graphs, the KV cache, the weights and the device buffers; on CUDA their memory returns to the device."""
-        if self.graphs is not None:
-            self.graphs.close()
-        self.graphs = self._dev = self.kv_cache = self.model = self.sampler = self.draft = None
+        for graphs in (self.graphs, self.verify_graphs, self.draft and self.draft.graphs):
+            if graphs is not None:
+                graphs.close()
+        self.graphs = self.verify_graphs = self._dev = self.kv_cache = self.model = self.sampler = self.draft = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -121,6 +121,26 @@ class StepBuffers:
             self._steps[key] = cached
         return cached
 
+    def padding_step(self, rows: int, tokens: int, max_query_len: int, max_context_len: int) -> StepInputs:
+        """A step of padding only over these buffers, `rows` rows and `tokens` tokens (to capture a graph).
+
+        One token a row is a decode step (each row owns its token); more
+        tokens are a ragged step whose rows own none. `max_context_len` is
+        an upper bound (the engine's context limit): a replay serves steps
+        of any context.
+        """
+        decode = tokens == rows and max_query_len == 1
+        self.tensors["query_start_loc"][0] = 0
+        if decode:
+            self.pad_decode(0, rows)
+        else:
+            self.pad_ragged(0, 0, rows, tokens)
+        shape = dict.fromkeys(SHAPE_FIELDS, 0) | {
+            "num_rows": rows, "num_tokens": tokens, "max_query_len": max_query_len,
+            "max_context_len": max_context_len, "is_decode": decode,
+        }  # fmt: skip
+        return self.step(shape)
+
     def pad_decode(self, rows: int, bucket: int) -> None:
         """Rows rows..bucket-1 of a decode step: padding that stores nothing (slot -1) and attends to nothing.
 
@@ -134,3 +154,16 @@ class StepBuffers:
         t["context_lens"][rows:bucket] = 0
         starts = t["query_start_loc"]
         torch.arange(rows + 1, bucket + 1, out=starts[rows + 1 : bucket + 1])
+
+    def pad_ragged(self, rows: int, tokens: int, bucket_rows: int, bucket_tokens: int) -> None:
+        """Pads a step of `rows` rows and `tokens` tokens to `bucket_rows` and `bucket_tokens` (a verify step's graph).
+
+        Padding tokens store nothing (slot -1) and belong to no row; padding
+        rows have no tokens and an empty context, so attention skips them.
+        """
+        t = self.tensors
+        t["input_ids"][tokens:bucket_tokens] = 0
+        t["positions"][tokens:bucket_tokens] = 0
+        t["slot_mapping"][tokens:bucket_tokens] = -1
+        t["context_lens"][rows:bucket_rows] = 0
+        t["query_start_loc"][rows + 1 : bucket_rows + 1] = tokens

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import shutil
 import sysconfig
 from dataclasses import dataclass
@@ -394,3 +395,40 @@ def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch
 def was_poisoned(t: torch.Tensor, made: list[torch.Tensor]) -> bool:
     """Whether t is one of the tensors `poisoned_allocations` made."""
     return any(t.data_ptr() == p.data_ptr() for p in made)
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+
+def repetitive_prompts(lengths, seed, vocab=TOKENIZER_SIZE) -> list[list[int]]:
+    """Prompts that repeat themselves (a segment, then the segment again cut short), so n-grams recur."""
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        seg = [rng.choice([t for t in range(vocab) if t != EOS_ID]) for _ in range(max(2, n // 2))]
+        out.append((seg + seg)[:n])
+    return out
+
+
+def perturb(checkpoint, scale: float, seed: int) -> None:
+    """Adds Gaussian noise of `scale` times each weight matrix's spread to a saved checkpoint's matrices."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def edit(tensors):
+        for t in tensors.values():
+            if t.dtype.is_floating_point and t.dim() == 2:
+                t += scale * t.std() * torch.randn(t.shape, generator=gen)
+
+    rewrite_weights(checkpoint, edit)
+
+
+@pytest.fixture(scope="session")
+def drafts(tmp_path_factory, tokenizer_dir):
+    """Draft checkpoints for the hd64 target (seed 0): itself, itself with perturbed weights, an unrelated model."""
+    root = tmp_path_factory.mktemp("drafts")
+    target = build_hf_model(SHAPES["hd64"], seed=0)
+    same = save_checkpoint(target, root / "same", tokenizer=tokenizer_dir)
+    perturbed = save_checkpoint(build_hf_model(SHAPES["hd64"], seed=0), root / "perturbed", tokenizer=tokenizer_dir)
+    perturb(perturbed, 0.15, seed=11)
+    unrelated = save_checkpoint(build_hf_model(SHAPES["full-rotary"], seed=5), root / "unrelated", tokenizer=tokenizer_dir)
+    return {"same": same, "perturbed": perturbed, "unrelated": unrelated}

@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs against the same steps run eagerly (run with `pytest -m gpu`)."""
+"""Decode, verify and draft steps replayed from CUDA graphs against the same steps run eagerly (`pytest -m gpu`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOKENIZER_SIZE, hf_greedy
+from conftest import TOKENIZER_SIZE, hf_greedy, repetitive_prompts
 from fastcodegen import Engine, SamplingParams
 from fastcodegen.request import Reader
 
@@ -83,3 +83,33 @@ def test_graphed_engine_generates_like_eager_and_transformers(engines, fresh_see
             assert abs(lx[t] - ly[t]) < 5e-2
     # float16 near-ties aside, the greedy path is transformers' (checked in float32 by the CPU suite)
     assert sum(x.outputs[0].token_ids == hf_greedy(hf, p, 12) for x, p in zip(a, prompts)) >= len(prompts) - 1
+
+
+@pytest.mark.parametrize("proposer", ["[ngram]", "perturbed"])
+def test_speculative_steps_replay_like_eager(checkpoint, drafts, fresh_seed, proposer):
+    """Verify steps and the draft's passes replayed from graphs give the eager engine's tokens and logprobs."""
+    path, hf = checkpoint("hd64")
+    spec = proposer if proposer == "[ngram]" else str(drafts[proposer])
+    kw = dict(
+        device="cuda", dtype="float16", backend="triton", max_num_seqs=8, kv_cache_tokens=4096, progress=False,
+        speculative_model=spec, num_speculative_tokens=3,
+    )  # fmt: skip
+    graphed, eager = Engine(str(path), **kw), Engine(str(path), enforce_eager=True, **kw)
+    runner = graphed._runner
+    assert runner.verify_graphs is not None and runner.verify_graphs.buckets == [1, 2, 4, 8]
+    assert (runner.draft is None) == (proposer == "[ngram]")
+    assert runner.draft is None or runner.draft.graphs is not None
+    prompts = repetitive_prompts([3, 9, 17, 26, 31, 40], fresh_seed)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    a = graphed.generate(prompt_token_ids=prompts, sampling_params=params)
+    b = eager.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert graphed.stats.spec_proposed > 0
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly, t in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, x.outputs[0].token_ids):
+            assert abs(lx[t] - ly[t]) < 5e-2
+    assert sum(x.outputs[0].token_ids == hf_greedy(hf, p, 24) for x, p in zip(a, prompts)) >= len(prompts) - 1
+    for e in (graphed, eager):
+        e._scheduler.check()
+        assert e.num_free_kv_blocks == e.stats.num_blocks
+        e.close()

@@ -20,22 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EOS_ID, SHAPES, TOKENIZER_SIZE, Shape, build_hf_model, hf_greedy, save_checkpoint
+from conftest import (
+    EOS_ID, SHAPES, TOKENIZER_SIZE, Shape, build_hf_model, hf_greedy, perturb, repetitive_prompts, save_checkpoint,
+)  # fmt: skip
 from fastcodegen import Engine, SamplingParams, _C
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 # The chi-square tests flag a sound sampler with probability FALSE_ALARM each.
 FALSE_ALARM = 1e-4
-
-
-def repetitive_prompts(lengths, seed, vocab=TOKENIZER_SIZE) -> list[list[int]]:
-    """Prompts that repeat themselves (a segment, then the segment again cut short), so n-grams recur."""
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        seg = [rng.choice([t for t in range(vocab) if t != EOS_ID]) for _ in range(max(2, n // 2))]
-        out.append((seg + seg)[:n])
-    return out
 
 
 def edit_prompt() -> str:
@@ -353,32 +345,6 @@ def test_native_proposals_and_acceptance_follow_the_rule(fresh_seed):
 
 
 # ----------------------------------------------------------------------------- a draft model
-
-
-def perturb(checkpoint, scale: float, seed: int) -> None:
-    """Adds Gaussian noise of `scale` times each weight matrix's spread to a saved checkpoint's matrices."""
-    from conftest import rewrite_weights
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def edit(tensors):
-        for t in tensors.values():
-            if t.dtype.is_floating_point and t.dim() == 2:
-                t += scale * t.std() * torch.randn(t.shape, generator=gen)
-
-    rewrite_weights(checkpoint, edit)
-
-
-@pytest.fixture(scope="module")
-def drafts(tmp_path_factory, tokenizer_dir):
-    """Draft checkpoints for the hd64 target (seed 0): itself, itself with perturbed weights, an unrelated model."""
-    root = tmp_path_factory.mktemp("drafts")
-    target = build_hf_model(SHAPES["hd64"], seed=0)
-    same = save_checkpoint(target, root / "same", tokenizer=tokenizer_dir)
-    perturbed = save_checkpoint(build_hf_model(SHAPES["hd64"], seed=0), root / "perturbed", tokenizer=tokenizer_dir)
-    perturb(perturbed, 0.15, seed=11)
-    unrelated = save_checkpoint(build_hf_model(SHAPES["full-rotary"], seed=5), root / "unrelated", tokenizer=tokenizer_dir)
-    return {"same": same, "perturbed": perturbed, "unrelated": unrelated}
 
 
 # "same" keeps all but the near-ties that float rounding flips between the draft's decode and the verify step.
