@@ -368,7 +368,7 @@ class EngineConfig:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """Whether decode steps are captured as CUDA graphs (the triton backend on CUDA, unless eager)."""
+        """Whether decode and verify steps are captured as CUDA graphs (the triton backend on CUDA, unless eager)."""
         return self.device.type == "cuda" and self.backend == "triton" and not self.enforce_eager
 
 

@@ -51,7 +51,7 @@ def verify_buckets(engine: EngineConfig) -> list[int]:
 
 
 class CudaGraphs:
-    """One graph per bucket of rows: a forward of `model` and its logits over every token of the bucket's padding step."""
+    """One graph per bucket of rows: a forward and its logits over every token of the bucket's padding step."""
 
     def __init__(self, buckets: list[int], name: str = "decode steps"):
         self.buckets = sorted(buckets)

@@ -197,7 +197,8 @@ class DraftModel:
         tensors = dict(dev.tensors)
         for name in ("input_ids", "positions", "slot_mapping"):
             tensors[name] = getattr(dev, name)[index]
-        tensors["query_start_loc"] = torch.as_tensor(np.r_[0, np.cumsum(counts)], dtype=torch.int32, device=index.device)
+        kept_starts = np.r_[0, np.cumsum(counts)]
+        tensors["query_start_loc"] = torch.as_tensor(kept_starts, dtype=torch.int32, device=index.device)
         shape = dev.shape() | {"num_tokens": len(keep), "max_query_len": int(counts.max()), "is_decode": False}
         self.model.forward(StepInputs(shape, tensors), self.kv_cache)
 

@@ -3,7 +3,7 @@
 A step is three calls (`Engine._step`): the native scheduler decides it
 (continuous batching, chunked prefill, prefix cache, n-sample forks,
 preemption) and writes its inputs; the model runner runs the forward (a CUDA
-graph for decode steps on CUDA) and samples the tokens; the scheduler appends
+graph for decode and verify steps on CUDA) and samples the tokens; the scheduler appends
 them (stops, lengths and detokenizing, natively) and returns the step's
 events, which the output processor turns into outputs for whichever reader
 owns each request: a `generate` call, a stream, or `step()`. Python does O(1)

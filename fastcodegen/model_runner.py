@@ -166,7 +166,9 @@ class ModelRunner:
     def _verify_fits(self, step: StepInputs) -> bool:
         """Whether a step that is not a decode step replays a verify graph (at most k + 1 new tokens a row)."""
         g = self.verify_graphs
-        return g is not None and not step.is_decode and step.max_query_len <= self.verify_query_len and g.fits(step.num_rows)
+        if g is None or step.is_decode:
+            return False
+        return step.max_query_len <= self.verify_query_len and g.fits(step.num_rows)
 
     def _on_device(self, step: StepInputs) -> StepInputs:
         """The step with its device fields as views of the device buffers (the step itself off CUDA)."""
