@@ -61,7 +61,8 @@ class DraftModel:
         self._seeded = torch.Generator(device=generator.device)
         self._buffers = buffers
         self.graphs: Optional[CudaGraphs] = None
-        self._computed: Optional[np.ndarray] = None  # the step's tokens the last proposal passes ran
+        # After propose(): the step's tokens the proposal passes did not run (host, device) and their count a row.
+        self._follow: Optional[tuple[np.ndarray, torch.Tensor, np.ndarray]] = None
 
     def capture(self, buckets: list[int], pool: tuple, max_model_len: int) -> None:
         """Captures the decode passes of `buckets` rows as CUDA graphs over the persistent buffers."""
@@ -80,45 +81,57 @@ class DraftModel:
         host = step.arrays
         spec = host["spec_token"]
         pending = np.flatnonzero(spec == _C.DRAFT_PENDING)
-        self._computed = None
+        self._follow = None
         if not len(pending):
             return None
         # A speculating sequence's rows are consecutive: its pending proposals, then its own token's.
         starts = pending[np.r_[True, np.diff(pending) > 1]]
-        runs = [int(np.argmax(np.r_[spec[s:] != _C.DRAFT_PENDING, True])) for s in starts]
+        runs = np.array([int(np.argmax(np.r_[spec[s:] != _C.DRAFT_PENDING, True])) for s in starts])
         first_token = host["logits_indices"][starts]  # the step's index of each sequence's last token
         batch_row = np.searchsorted(host["query_start_loc"], first_token, side="right") - 1
-        device = dev.input_ids.device
-        rows, tokens, probs, read = [], [], [], []
-        for i in range(max(runs)):
-            active = np.array([j for j, m in enumerate(runs) if m > i])
+        # Every pass's indices are known now: they go to the device in one copy, since a copy from pageable host
+        # memory waits for the device, and one per pass would stall each pass's launches behind the last pass.
+        passes, arrays = [], []
+        for i in range(runs.max()):
+            active = np.flatnonzero(runs > i)
             at = first_token[active] + i  # the token this pass reads; its proposal goes at + 1
             row = starts[active] + i  # the sampled row that checks that proposal
-            logits = self._decode(dev, at, batch_row[active], int(host["positions"][at].max()) + 1)
-            drawn, dist = self._draw(logits, host, row, requests)
-            dev.input_ids[torch.as_tensor(at + 1, device=device)] = drawn
-            rows.append(row)
+            temperature = host["temperature"][row]
+            sampled, greedy = np.flatnonzero(temperature > 0), np.flatnonzero(temperature == 0)
+            passes.append((at, row, sampled, int(host["positions"][at].max()) + 1))
+            arrays += [at, at + 1, batch_row[active], row, sampled, greedy]
+        rows = np.concatenate([p[1] for p in passes])
+        order = np.argsort(rows, kind="stable")
+        keep, counts = self._follow_tokens(step, np.concatenate([p[0] for p in passes]))
+        on_device = _upload([*arrays, order, keep], dev.input_ids.device)
+        tokens, probs = [], []
+        for i, (at, row, sampled, max_context) in enumerate(passes):
+            at_d, next_d, batch_rows_d, row_d, sampled_d, greedy_d = on_device[6 * i : 6 * i + 6]
+            logits = self._decode(dev, at_d, batch_rows_d, max_context)
+            drawn, dist = self._draw(logits, dev, host, row, row_d, sampled, sampled_d, greedy_d, requests)
+            dev.input_ids[next_d] = drawn
             tokens.append(drawn)
             probs.append(dist)
-            read.append(at)
-        self._computed = np.concatenate(read)
-        order = np.argsort(np.concatenate(rows), kind="stable")
-        rows_all = np.concatenate(rows)[order]
-        index = torch.as_tensor(order, device=device)
-        return Proposals(rows_all, torch.cat(tokens)[index], torch.cat(probs)[index])
+        self._follow = (keep, on_device[-1], counts)
+        index = on_device[-2]
+        return Proposals(rows[order], torch.cat(tokens)[index], torch.cat(probs)[index])
+
+    @staticmethod
+    def _follow_tokens(step: StepInputs, computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The step's tokens the proposal passes do not run (they read `computed`), and how many of them each row
+        has: a suffix of its tokens (a verifying sequence's last proposal; all of another's)."""
+        keep = np.setdiff1d(np.arange(step.num_tokens), computed, assume_unique=True)
+        return keep, np.diff(np.searchsorted(keep, step.arrays["query_start_loc"]))
 
     def _decode(
-        self, dev: StepInputs, at: np.ndarray, batch_rows: np.ndarray, max_context: int, logits: bool = True
+        self, dev: StepInputs, idx: torch.Tensor, rows: torch.Tensor, max_context: int, logits: bool = True
     ) -> Optional[torch.Tensor]:
-        """One decode pass of the draft over the step's tokens `at`, the last of their rows `batch_rows` so far:
-        logits [n, vocab_limit] (None when not wanted, unless a graph made them anyway).
+        """One decode pass of the draft over the step's tokens `idx`, the last of their rows `rows` so far (both
+        on the device): logits [n, vocab_limit] (None when not wanted, unless a graph made them anyway).
 
         A replayed graph's logits are its output: read them before the next replay.
         """
-        device = dev.input_ids.device
-        idx = torch.as_tensor(at, device=device)
-        rows = torch.as_tensor(batch_rows, device=device)
-        n = len(at)
+        n = len(idx)
         if self.graphs is not None and self.graphs.fits(n):
             t = self._buffers.tensors
             for name in ("input_ids", "positions", "slot_mapping", "block_tables"):
@@ -132,7 +145,7 @@ class DraftModel:
             "input_ids": dev.input_ids[idx],
             "positions": positions,
             "slot_mapping": dev.slot_mapping[idx],
-            "query_start_loc": torch.arange(n + 1, dtype=torch.int32, device=device),
+            "query_start_loc": torch.arange(n + 1, dtype=torch.int32, device=idx.device),
             "context_lens": (positions + 1).to(torch.int32),
             "block_tables": dev.block_tables[rows],
         }
@@ -143,64 +156,73 @@ class DraftModel:
         hidden = self.model.forward(StepInputs(shape, tensors), self.kv_cache)
         return self.model.compute_logits(hidden)[:, : self.vocab_limit].float() if logits else None
 
-    def _draw(self, logits: torch.Tensor, host: dict, rows: np.ndarray, requests: dict):
-        """Each row's proposal and the distribution it was drawn from, on the target row's sampling terms."""
-        device = logits.device
-        temperature = host["temperature"][rows]
-        sampled_rows = np.flatnonzero(temperature > 0)
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        dev: StepInputs,
+        host: dict,
+        rows: np.ndarray,
+        rows_d: torch.Tensor,
+        sampled: np.ndarray,
+        sampled_d: torch.Tensor,
+        greedy_d: torch.Tensor,
+        requests: dict,
+    ):
+        """Each row's proposal and the distribution it was drawn from, on the target row's sampling terms.
+
+        `rows`: the sampled rows the proposals go to; `sampled`: which of them sample (temperature > 0), the
+        others take the argmax (`greedy`). Each as host and device (`_d`) indices.
+        """
         tokens = logits.argmax(dim=-1)
-        dist = torch.zeros_like(logits)
-        if len(sampled_rows):
-            r = rows[sampled_rows]
-            at = torch.as_tensor(sampled_rows, device=device)
-            q = filtered_probs(
-                logits[at],
-                torch.as_tensor(host["temperature"][r], device=device),
-                torch.as_tensor(host["top_k"][r], device=device),
-                torch.as_tensor(host["top_p"][r], device=device),
-            )
+        dist = torch.zeros_like(logits, dtype=torch.float32)
+        if len(sampled):
+            r = rows_d[sampled_d]
+            q = filtered_probs(logits[sampled_d].float(), dev.temperature[r], dev.top_k[r], dev.top_p[r])
             seeds = {}
-            for j, row in enumerate(r.tolist()):
+            for j, row in enumerate(rows[sampled].tolist()):
                 req = requests.get(int(host["sample_request"][row]))
                 if req is not None and req.params.seed is not None:
                     seeds[j] = row_seed(host, row, req, DRAFT_SEED_SALT)  # the place of the token the row checks
             noise = exponential_noise(q, self.generator, self._seeded, seeds)
-            tokens[at] = (q / noise).argmax(dim=-1)
-            dist[at] = q
-        greedy = torch.as_tensor(np.flatnonzero(temperature == 0), device=device)
-        dist[greedy, tokens[greedy]] = 1.0
+            tokens[sampled_d] = (q / noise).argmax(dim=-1)
+            dist[sampled_d] = q
+        dist[greedy_d, tokens[greedy_d]] = 1.0
         return tokens, dist
 
     @torch.inference_mode()
     def follow(self, step: StepInputs, dev: StepInputs) -> None:
         """Runs the step's tokens the proposal passes did not through the draft, so that its cache holds the K/V
         of every token the target computed (`step` in host memory, `dev` on the device)."""
-        computed, self._computed = self._computed, None
-        host = step.arrays
-        starts = host["query_start_loc"]
-        if computed is None:
-            if not step.is_decode:
-                self.model.forward(dev, self.kv_cache)
-                return
-            keep = np.arange(step.num_tokens)
+        follow, self._follow = self._follow, None
+        device = dev.input_ids.device
+        if follow is not None:
+            keep, keep_d, counts = follow
+        elif step.is_decode:
+            keep_d, counts = torch.arange(step.num_tokens, device=device), np.ones(step.num_rows, dtype=np.int64)
         else:
-            keep = np.setdiff1d(np.arange(step.num_tokens), computed, assume_unique=True)
-        if not len(keep):
+            self.model.forward(dev, self.kv_cache)
             return
-        # Each row keeps a suffix of its tokens: its context length is unchanged.
-        counts = np.diff(np.searchsorted(keep, starts))
-        max_context = int(host["context_lens"].max(initial=0))
+        if not len(keep_d):
+            return
+        max_context = int(step.arrays["context_lens"].max(initial=0))
         if (counts == 1).all():
-            self._decode(dev, keep, np.arange(step.num_rows), max_context, logits=False)
+            self._decode(dev, keep_d, torch.arange(step.num_rows, device=device), max_context, logits=False)
             return
-        index = torch.as_tensor(keep, device=dev.input_ids.device)
+        # Rows with no token or several (a prompt's chunk beside verifying sequences): a ragged step. Each row
+        # keeps a suffix of its tokens, so its context length is unchanged.
         tensors = dict(dev.tensors)
         for name in ("input_ids", "positions", "slot_mapping"):
-            tensors[name] = getattr(dev, name)[index]
+            tensors[name] = getattr(dev, name)[keep_d]
         kept_starts = np.r_[0, np.cumsum(counts)]
-        tensors["query_start_loc"] = torch.as_tensor(kept_starts, dtype=torch.int32, device=index.device)
+        tensors["query_start_loc"] = torch.as_tensor(kept_starts, dtype=torch.int32, device=device)
         shape = dev.shape() | {"num_tokens": len(keep), "max_query_len": int(counts.max()), "is_decode": False}
         self.model.forward(StepInputs(shape, tensors), self.kv_cache)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
+
+
+def _upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host index arrays as int64 tensors on `device`, in one copy."""
+    packed = torch.as_tensor(np.concatenate(arrays).astype(np.int64, copy=False), device=device)
+    return list(torch.split(packed, [len(a) for a in arrays]))

@@ -113,3 +113,38 @@ def test_speculative_steps_replay_like_eager(checkpoint, drafts, fresh_seed, pro
         e._scheduler.check()
         assert e.num_free_kv_blocks == e.stats.num_blocks
         e.close()
+
+
+def test_the_drafts_passes_wait_for_the_device_once_a_step(checkpoint, drafts, fresh_seed):
+    """A draft's k proposal passes and its pass after the target's queue their work without waiting for the device,
+    but for the one copy of the step's indices: host work overlaps the passes (torch's sync debug mode counts)."""
+    import warnings
+
+    path, _ = checkpoint("hd64")
+    engine = Engine(
+        str(path), device="cuda", dtype="float16", backend="triton", max_num_seqs=8, kv_cache_tokens=4096,
+        progress=False, speculative_model=str(drafts["perturbed"]), num_speculative_tokens=3,
+    )  # fmt: skip
+    draft = engine._runner.draft
+    waits = {"propose": [], "follow": []}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    out = fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            waits[name].append(sum("synchroniz" in str(w.message) for w in seen))
+            return out
+
+        return run
+
+    draft.propose, draft.follow = counted("propose", draft.propose), counted("follow", draft.follow)
+    prompts = repetitive_prompts([5, 12, 20], fresh_seed)
+    engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert engine.stats.spec_proposed > 0
+    assert max(waits["propose"]) <= 1 and max(waits["follow"][1:]) == 0  # the first follows a prefill step
+    engine.close()
