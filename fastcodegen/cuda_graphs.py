@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .config import EngineConfig
-from .kv_cache import KVCache
-from .models.codegen import CodeGenModel
-from .step import StepInputs
+
+if TYPE_CHECKING:  # kv_cache.py sizes the graphs' memory from the buckets below
+    from .kv_cache import KVCache
+    from .models.codegen import CodeGenModel
+    from .step import StepInputs
 
 logger = logging.getLogger("fastcodegen")
 
@@ -76,20 +78,26 @@ class CudaGraphs:
         """Captures every bucket; `padding_step(b)` fills the persistent buffers with a b-row padding step.
 
         `pool`: the memory pool (torch.cuda.graph_pool_handle()) all the
-        engine's graphs share. They replay one at a time on one stream, and
-        the caller consumes a replay's logits (copies what it keeps) before
-        the next replay, which may reuse their memory as scratch.
+        engine's graphs share. They replay one at a time on one stream, so
+        each reuses the others' scratch memory. Every bucket writes its
+        logits into one output buffer, sized for the largest (float32 logits
+        per bucket would hold hundreds of MB): the caller reads a replay's
+        logits (copies what it keeps) before the next replay.
         """
         device = kv_cache.data.device
-        for b in reversed(self.buckets):
+        out = None
+        for b in reversed(self.buckets):  # the largest first: its output buffer serves all
             step = padding_step(b)
             for _ in range(2):  # warm-up: compiles the kernels for this shape
-                model.compute_logits(model.forward(step, kv_cache))
+                logits = model.compute_logits(model.forward(step, kv_cache))
+            if out is None:
+                out = torch.empty((step.num_tokens, logits.shape[1]), dtype=logits.dtype, device=device)
+            del logits
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = model.compute_logits(model.forward(step, kv_cache))
-            self._graphs[b] = (graph, logits)
+                out[: step.num_tokens].copy_(model.compute_logits(model.forward(step, kv_cache)))
+            self._graphs[b] = (graph, out[: step.num_tokens])
         torch.cuda.synchronize(device)
         logger.info("captured CUDA graphs for %s, batches %s", self.name, self.buckets)
 

@@ -69,22 +69,26 @@ def _activations_per_token(model: ModelConfig) -> int:
     return (3 * d + f) + (d + f) + 4 * d
 
 
-def graph_bytes(model: ModelConfig, engine: EngineConfig) -> int:
+def graph_bytes(model: ModelConfig, engine: EngineConfig, verify: bool = True) -> int:
     """An upper estimate of the memory the CUDA graphs of `model` keep (0 without graphs).
 
-    Their largest bucket's activations and logits: a decode step of every
-    sequence, or a verify step of k + 1 tokens for each that speculates.
+    The largest bucket's activations and logits (the pool reuses them across
+    graphs), and each set of graphs' float32 output buffer, sized for its
+    largest bucket: decode steps of every sequence and, with `verify` and
+    speculative decoding, verify steps of k + 1 tokens a row.
     """
+    from .cuda_graphs import verify_buckets
+
     if not engine.uses_cuda_graphs:
         return 0
     element = torch.empty((), dtype=engine.dtype).element_size()
     d, f, v = model.n_embd, model.n_inner, model.vocab_size
-    per_token = _activations_per_token(model)
-    k = engine.num_speculative_tokens
-    speculating = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
-    verify = min(speculating * (k + 1), engine.max_num_batched_tokens) if k else 0
-    rows = max(engine.max_num_seqs, verify)
-    return 2 * rows * per_token * element + rows * v * (element + 4) + split_k_scratch_bytes(3 * d + f)
+    outputs = [engine.max_num_seqs]
+    if verify and verify_buckets(engine):
+        outputs.append(verify_buckets(engine)[-1] * (engine.num_speculative_tokens + 1))
+    largest = max(outputs)
+    transient = 2 * largest * _activations_per_token(model) * element + largest * v * (element + 4)
+    return transient + sum(outputs) * v * 4 + split_k_scratch_bytes(3 * d + f)
 
 
 # Bytes the sampler's temporaries take per logit of a sampled row (float32 copies, an int64 sort order).
@@ -116,7 +120,7 @@ def num_kv_blocks(
         return CPU_DEFAULT_CONTEXTS * min_blocks
     free, total = torch.cuda.mem_get_info(engine.device)
     cached_unused = torch.cuda.memory_reserved(engine.device) - torch.cuda.memory_allocated(engine.device)
-    working = activation_bytes(model, engine) + (graph_bytes(draft, engine) if draft is not None else 0)
+    working = activation_bytes(model, engine) + (graph_bytes(draft, engine, verify=False) if draft is not None else 0)
     share = int(total * engine.gpu_memory_utilization) - weight_bytes - working
     available = free + cached_unused - working
     budget = min(share, available)

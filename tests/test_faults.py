@@ -19,7 +19,7 @@ import torch
 from conftest import TOKENIZER_SIZE, hf_greedy
 from fastcodegen import Engine, GenerationError, SamplingParams
 from fastcodegen.config import EngineConfig, ModelConfig
-from fastcodegen.kv_cache import activation_bytes, num_kv_blocks
+from fastcodegen.kv_cache import activation_bytes, graph_bytes, num_kv_blocks
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -208,6 +208,24 @@ def test_working_memory_counts_the_sampler_and_the_graph_pool():
     # The sampler works on [2 * max_num_seqs, vocab] logits: several float32 copies of 512 x 51200.
     assert eager >= 512 * 51200 * 4 * 10
     assert graphs > eager  # the graphs' private pool comes on top
+
+
+def test_working_memory_counts_the_verify_graphs_and_the_drafts(fake_gpu):
+    """Verify graphs add an output buffer of k + 1 logits rows per speculating sequence; a draft model's decode
+    graphs are charged to the KV budget beside the target's working memory."""
+    model = ModelConfig(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32)
+    draft = ModelConfig(n_layer=2, n_embd=256, n_head=4, rotary_dim=32)
+    plain = _cuda_config(max_num_seqs=64)
+    spec = _cuda_config(max_num_seqs=64, speculative_model="[ngram]", num_speculative_tokens=4)
+    verify_rows = 32 * 5  # speculative_max_rows sequences, k + 1 tokens each
+    assert graph_bytes(model, spec) - graph_bytes(model, plain) >= verify_rows * model.vocab_size * 4
+    assert graph_bytes(model, _cuda_config(max_num_seqs=64, enforce_eager=True)) == 0
+    weights = 1 * GiB
+    fake_gpu.update(free=99 * GiB, reserved=1 * GiB, allocated=1 * GiB)
+    block = 16 * 2 * (20 * 1024 + 2 * 256) * 2
+    working = activation_bytes(model, spec) + graph_bytes(draft, spec, verify=False)
+    assert graph_bytes(draft, spec, verify=False) > 0
+    assert num_kv_blocks(model, spec, weights, draft) == (90 * GiB - weights - working) // block
 
 
 def test_triton_refuses_float32_on_cuda():
