@@ -717,7 +717,10 @@ def _spec_summary(rows: list[dict]) -> str:
     for r in rows:
         if r["value"] is None:
             continue
-        if r["name"].startswith("verify step"):
+        if r["name"].startswith("verify step") and ", batch " in r["name"]:
+            name, batch = r["name"].split()[-3].rstrip(","), r["name"].split()[-1]
+            parts.append(f"{name} batch {batch} verify/decode {r['value']:.2f}x")
+        elif r["name"].startswith("verify step"):
             parts.append(f"{r['name'].split()[-1]} verify/decode {r['value']:.2f}x")
         elif r["name"].startswith("projected") and "acceptance 0.8" in r["name"]:
             parts.append(f"{r['name'].split()[2].rstrip(',')} at 0.8: {_num(r['value'])} ms/token ({r['ratio']:.2f}x the floor)")

@@ -100,6 +100,7 @@ class Plan:
     matmul_dtypes: list[torch.dtype]
     spec_targets: list[str]  # speculative: the targets whose verify steps are timed
     spec_draft: str  # and the draft whose decode steps are
+    spec_batches: list[int]  # the policy: verify against decode steps at these batch sizes (the first target)
     # What a budget plans with (generous: a cold Triton cache compiles kernels on first use).
     startup_s: float  # an engine (dummy weights, CUDA graphs) or a transformers model, built and warmed up
     hf_step_s: float  # one eager transformers decode step at the least (launch-bound at batch 1)
@@ -125,6 +126,7 @@ def real_plan() -> Plan:
         matmul_dtypes=[torch.float16, torch.bfloat16],
         spec_targets=["codegen-6B-mono", "codegen-16B-mono"],
         spec_draft="codegen-350M-mono",
+        spec_batches=[8, 32, 64, 128],
         startup_s=20.0,
         hf_step_s=0.03,
         compile_s=180.0,
@@ -150,6 +152,7 @@ def cpu_plan() -> Plan:
         matmul_dtypes=[torch.float32],
         spec_targets=["codegen-tiny-py"],
         spec_draft="codegen-tiny-py-draft",
+        spec_batches=[4],
         startup_s=3.0,
         hf_step_s=0.05,
         compile_s=60.0,
@@ -645,20 +648,23 @@ SPEC_ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
-    """Speculative decoding's costs at batch 1: a (k+1)-token verify step and a draft decode step against a 1-token
-    decode step, and from them the time per token as a function of the acceptance rate.
+    """Speculative decoding's costs: a (k+1)-token verify step and a draft decode step against a 1-token decode
+    step at batch 1, the time per token they give as a function of the acceptance rate, and the policy's
+    trade-off at larger batches.
 
-    Each step is one forward of the model over a sequence with `prompt_len` tokens of context (dummy weights),
-    timed eagerly and, where the engine captures CUDA graphs, replayed from the graph the engine replays for it
-    (its decode graph, its verify graph) over the same buffers. With acceptance rate a and k proposals, a verify
-    step yields (1 - a^(k+1)) / (1 - a) tokens on average and costs one verify step plus k + 1 draft decode steps
-    (k proposals, then the draft's pass over the last one).
+    Each step is one forward of the model over sequences with `prompt_len` tokens of context (dummy weights),
+    timed eagerly and, at batch 1 where the engine captures CUDA graphs, replayed from the graph the engine
+    replays for it (its decode graph, its verify graph) over the same buffers. With acceptance rate a and k
+    proposals, a verify step yields (1 - a^(k+1)) / (1 - a) tokens on average and costs one verify step plus
+    k + 1 draft decode steps (k proposals, then the draft's pass over the last one). At batch R (eager steps of
+    the first target), R sequences verifying k proposals each cost `ratio` decode steps; prompt lookup (no draft
+    to run) pays where the tokens a verify step yields exceed that ratio, from the break-even acceptance on.
     """
     try:
         if not budget.allows(plan.startup_s + 10.0):
             yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=OUT_OF_TIME)
             return
-        draft = _step_times(plan.spec_draft, plan, SPEC_K + 1)
+        draft = _step_times(plan.spec_draft, plan, SPEC_K + 1)[1]
         draft_ms = draft.decode_graph if draft.decode_graph is not None else draft.decode
         yield Row("speculative", f"draft decode step {plan.spec_draft}", draft_ms, "ms", note=draft.note())
     except Exception as e:
@@ -666,18 +672,19 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
         return
     finally:
         free(plan.device)
-    for name in plan.spec_targets:
+    for i, name in enumerate(plan.spec_targets):
         label = f"verify step (k={SPEC_K}) / decode step {name}"
         if not budget.allows(plan.startup_s + 5.0):
             yield Row("speculative", label, None, "x", note=OUT_OF_TIME)
             continue
         try:
-            t = _step_times(name, plan, SPEC_K + 1)
+            by_batch = _step_times(name, plan, SPEC_K + 1, [1] + (plan.spec_batches if i == 0 else []))
         except Exception as e:
             yield Row("speculative", label, None, "x", note=_error(e))
             continue
         finally:
             free(plan.device)
+        t = by_batch[1]
         floor_ms = 1e3 * floor_s(model_config(name), plan, copy_gbps)
         graphed = t.decode_graph is not None and t.verify_graph is not None
         plain_ms, verify_ms = (t.decode_graph, t.verify_graph) if graphed else (t.decode, t.verify)
@@ -690,16 +697,36 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
                       "bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
                       note=f"{tokens:.2f} tokens per verify step; plain decode {plain_ms:.2f} ms/token "
                       f"({plain_ms / per_token:.2f}x, {how})")  # fmt: skip
+        for batch, b in sorted(by_batch.items()):
+            if batch == 1:
+                continue
+            ratio = b.verify / b.decode
+            yield Row("speculative", f"verify step (k={SPEC_K}) / decode step {name}, batch {batch}", ratio, "x",
+                      "decode step (eager)", b.decode,
+                      note=f"{b.note()}; prompt lookup pays from acceptance {_break_even(ratio)}")  # fmt: skip
+
+
+def _break_even(ratio: float) -> str:
+    """The acceptance rate from which a verify step yields more tokens than the `ratio` decode steps it costs."""
+    if ratio <= 1.0:
+        return "0 (a verify step costs no more than a decode step)"
+    if ratio >= SPEC_K + 1:
+        return f"none (a verify step costs {ratio:.2f} decode steps, more than its {SPEC_K + 1} tokens at best)"
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # tokens(a) = 1 + a + ... + a^k increases with a
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid**j for j in range(SPEC_K + 1)) < ratio else (lo, mid)
+    return f"{hi:.2f}"
 
 
 @dataclass
 class StepTimes:
-    """ms of a 1-token decode step and a verify step, eager and (where captured) replayed from CUDA graphs."""
+    """ms of a decode step and a verify step, eager and (where captured) replayed from CUDA graphs."""
 
     decode: float
     verify: float
-    decode_graph: Optional[float]
-    verify_graph: Optional[float]
+    decode_graph: Optional[float] = None
+    verify_graph: Optional[float] = None
 
     def note(self) -> str:
         out = f"eager: decode {self.decode:.2f} ms, verify {self.verify:.2f} ms"
@@ -710,30 +737,35 @@ class StepTimes:
         return out
 
 
-def _step_times(name: str, plan: Plan, verify_tokens: int) -> StepTimes:
-    """The decode and `verify_tokens`-token steps of one sequence, eager and replayed from the engine's graphs."""
+def _step_times(name: str, plan: Plan, verify_tokens: int, batches: tuple[int, ...] = (1,)) -> dict[int, StepTimes]:
+    """By batch size: R sequences' decode steps and `verify_tokens`-token steps, eager, and at batch 1 replayed
+    from the engine's graphs too."""
     from fastcodegen.step import SHAPE_FIELDS, StepInputs
 
+    dev = plan.device
+    context = plan.prompt_len
+    bs = 16
+    per_seq = -(-(context + verify_tokens) // bs)  # blocks a sequence's table addresses
+    kv_tokens = max(max(batches) * per_seq * bs, model_config(name).n_positions)  # one full-length sequence at least
     spec = dict(speculative_model="[ngram]", num_speculative_tokens=verify_tokens - 1)
-    with engine_for(name, plan, max_num_seqs=8, **spec) as engine:
+    with engine_for(name, plan, max_num_seqs=8, block_size=bs, kv_cache_tokens=kv_tokens, **spec) as engine:
         runner = engine._runner
-        dev = plan.device
-        context = plan.prompt_len
-        bs = engine.config.block_size
-        table = torch.arange(-(-(context + verify_tokens) // bs), dtype=torch.int32, device=dev)[None]
 
-        def step(q: int) -> StepInputs:
-            positions = torch.arange(context, context + q, device=dev)
+        def step(rows: int, q: int) -> StepInputs:
+            table = torch.arange(rows * per_seq, dtype=torch.int32, device=dev).view(rows, per_seq)
+            pos = torch.arange(context, context + q, device=dev).repeat(rows)  # [rows * q]
+            seq = torch.arange(rows, device=dev).repeat_interleave(q)
             tensors = dict(
-                input_ids=torch.zeros(q, dtype=torch.int64, device=dev), positions=positions,
-                slot_mapping=positions.clone(), block_tables=table,
-                context_lens=torch.tensor([context + q], dtype=torch.int32, device=dev),
-                query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=dev),
-                logits_indices=torch.arange(q, device=dev),
+                input_ids=torch.zeros(rows * q, dtype=torch.int64, device=dev), positions=pos,
+                slot_mapping=table[seq, pos // bs].long() * bs + pos % bs, block_tables=table,
+                context_lens=torch.full((rows,), context + q, dtype=torch.int32, device=dev),
+                query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device=dev) * q,
+                logits_indices=torch.arange(rows * q, device=dev),
             )  # fmt: skip
             shape = dict.fromkeys(SHAPE_FIELDS, 0) | dict(
-                num_rows=1, num_tokens=q, num_samples=q, max_query_len=q, max_context_len=context + q, is_decode=q == 1
-            )
+                num_rows=rows, num_tokens=rows * q, num_samples=rows * q, max_query_len=q,
+                max_context_len=context + q, is_decode=q == 1,
+            )  # fmt: skip
             return StepInputs(shape, tensors)
 
         def forward(s: StepInputs) -> None:
@@ -751,14 +783,17 @@ def _step_times(name: str, plan: Plan, verify_tokens: int) -> StepTimes:
             fn()
             return 1e3 * min(timed(fn, dev) for _ in range(reps))
 
-        one, many = step(1), step(verify_tokens)
-        times = StepTimes(best(lambda: forward(one)), best(lambda: forward(many)), None, None)
+        out = {}
+        for rows in batches:
+            one, many = step(rows, 1), step(rows, verify_tokens)
+            out[rows] = StepTimes(best(lambda: forward(one)), best(lambda: forward(many)))
+        one, many = step(1, 1), step(1, verify_tokens)
         if runner.graphs is not None:
-            times.decode_graph = best(replay(runner.graphs, one, lambda: runner._dev.pad_decode(1, 1)))
+            out[1].decode_graph = best(replay(runner.graphs, one, lambda: runner._dev.pad_decode(1, 1)))
         if runner.verify_graphs is not None:
             pad = lambda: runner._dev.pad_ragged(1, verify_tokens, 1, verify_tokens)  # noqa: E731
-            times.verify_graph = best(replay(runner.verify_graphs, many, pad))
-    return times
+            out[1].verify_graph = best(replay(runner.verify_graphs, many, pad))
+    return out
 
 
 EVAL_MODELS = ["codegen-350M-mono", "codegen-2B-mono", "codegen-6B-mono", "codegen-16B-mono"]

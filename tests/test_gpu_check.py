@@ -411,6 +411,16 @@ def test_suite_speculative_section_on_the_cpu(benchmarks, tmp_path):
     assert len(projected) == len(suite.SPEC_ACCEPTANCE)
     per_token = [r["value"] for r in projected]
     assert per_token == sorted(per_token, reverse=True)  # more accepted, less time per token
+    verify_ms = ratio["value"] * ratio["baseline_value"]
     for r, a in zip(projected, suite.SPEC_ACCEPTANCE):
-        assert f"{(1 - a ** (suite.SPEC_K + 1)) / (1 - a):.2f} tokens per verify step" in r["note"]
+        tokens = (1 - a ** (suite.SPEC_K + 1)) / (1 - a)
+        assert f"{tokens:.2f} tokens per verify step" in r["note"]
+        # one verify step and k + 1 draft steps (k proposals, then the draft's pass over the last) per verify step
+        assert r["value"] == pytest.approx((verify_ms + (suite.SPEC_K + 1) * draft["value"]) / tokens, rel=1e-3)
         assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
+    # The policy at a larger batch, with the acceptance from which prompt lookup pays.
+    [batch] = [r for r in rows if r["name"].endswith(f"batch {suite.cpu_plan().spec_batches[0]}")]
+    assert batch["value"] > 0 and "prompt lookup pays from acceptance" in batch["note"]
+    # tokens(a) = 1 + a + ... + a^k against the verify/decode ratio
+    assert suite._break_even(sum(0.5**j for j in range(suite.SPEC_K + 1))) == "0.50"
+    assert suite._break_even(0.9).startswith("0 ") and suite._break_even(suite.SPEC_K + 1.5).startswith("none")
