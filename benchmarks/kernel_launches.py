@@ -46,6 +46,7 @@ KERNELS = (
     ("prefill_attention", "_prefill_kernel"),
     ("decode_attention", "_split_kernel"),
     ("decode_attention", "_combine_kernel"),
+    ("verify_attention", "_verify_split_kernel"),
     ("out_proj", "_out_proj_kernel"),
 )
 
@@ -99,37 +100,54 @@ def engine_shapes(
 
 @dataclass(frozen=True)
 class Step:
-    """One engine step as the kernels see it: decode (one new token per row) or prefill (`tokens` new tokens)."""
+    """One engine step as the kernels see it: decode (one new token per row), verify (`tokens` / `rows` new tokens
+    per row: speculative decoding) or prefill (`tokens` new tokens)."""
 
     kind: str
     rows: int
     tokens: int
 
     def __str__(self) -> str:
+        if self.kind == "verify":
+            return f"verify rows={self.rows} tokens={self.tokens}"
         return f"decode rows={self.rows}" if self.kind == "decode" else f"prefill tokens={self.tokens}"
 
 
 def engine_steps(
-    shape: EngineShape, decode_rows: Optional[Iterable[int]] = None, prefill_tokens: Optional[Iterable[int]] = None
+    shape: EngineShape,
+    decode_rows: Optional[Iterable[int]] = None,
+    prefill_tokens: Optional[Iterable[int]] = None,
+    verify_rows: Optional[Iterable[int]] = None,
 ) -> list[Step]:
-    """The steps whose launches cover every specialisation the engine can make, or the given subsets.
+    """The steps whose launches cover every specialisation the engine can make, or the given subsets
+    (`verify_rows` left out: every count when `decode_rows` is too, else none).
 
     Decode: every row count up to max_num_seqs. That holds the CUDA-graph
     buckets of this and of any smaller max_num_seqs, and the eager decode
-    steps (enforce_eager), which may have any count. Prefill (every step
-    the scheduler does not mark decode: prompts, chunks, idle rows): every
-    token count up to max_num_batched_tokens, packed into as few prompts as
-    max_model_len allows. Rows and tokens reach the kernels as runtime
+    steps (enforce_eager), which may have any count. Verify (speculative
+    decoding: a few new tokens per row, k + 1 = 5 by default): every row
+    count up to max_num_seqs, as for decode; the tokens per row reach no
+    kernel's specialisation (split counts follow the rows). Prefill (every
+    step the scheduler does not mark decode: prompts, chunks, idle rows):
+    every token count up to max_num_batched_tokens, packed into as few
+    prompts as max_model_len allows (up to 16 tokens a row, they take the
+    verify attention too). Rows and tokens reach the kernels as runtime
     integers (specialised on ==1 and on divisibility by 16), block sizes and
     split counts, so every count is enumerated rather than guessing which
     ones differ.
     """
     rows = range(1, shape.max_num_seqs + 1) if decode_rows is None else decode_rows
     tokens = range(1, shape.max_num_batched_tokens + 1) if prefill_tokens is None else prefill_tokens
+    if verify_rows is None:
+        verify_rows = rows if decode_rows is None else ()
     steps = [Step("decode", r, r) for r in rows]
+    steps += [Step("verify", r, r * VERIFY_TOKENS_PER_ROW) for r in verify_rows]
     steps += [Step("prefill", -(-t // shape.max_model_len), t) for t in tokens]
     return steps
 
+
+# A verify step's tokens per row: the default num_speculative_tokens (4) + 1.
+VERIFY_TOKENS_PER_ROW = 5
 
 # Block tables whose width is not a multiple of 16 (max_model_len 200: 13 blocks), as the kernel tests and
 # microbenchmarks make them for short contexts; the engine's own tables are n_positions / 16 wide.
@@ -199,7 +217,7 @@ def run_step(shape: EngineShape, state: ShapeState, step: Step) -> None:
     )
     counts = dict(
         num_rows=r, num_tokens=t, num_samples=r, num_host_sampled=0, num_prompt_logits=0, num_copies=0,
-        max_query_len=1 if step.kind == "decode" else min(t, shape.max_model_len),
+        max_query_len={"decode": 1, "verify": t // r}.get(step.kind, min(t, shape.max_model_len)),
         max_context_len=shape.max_model_len,
         is_decode=step.kind == "decode",
     )  # fmt: skip
@@ -237,13 +255,14 @@ class Recorder:
 
 def kernel_modules() -> list[tuple[Any, str]]:
     """(module, attribute) of every kernel in KERNELS, the modules imported."""
-    from fastcodegen.kernels import decode_attention, in_proj, layer_norm, out_proj, prefill_attention
+    from fastcodegen.kernels import decode_attention, in_proj, layer_norm, out_proj, prefill_attention, verify_attention
 
     modules = {
         "layer_norm": layer_norm,
         "in_proj": in_proj,
         "prefill_attention": prefill_attention,
         "decode_attention": decode_attention,
+        "verify_attention": verify_attention,
         "out_proj": out_proj,
     }
     return [(modules[m], name) for m, name in KERNELS]

@@ -6,8 +6,9 @@
 The launches are the engine's own (`kernel_launches.py`: the model's `Ops`
 over the Triton kernels' table, run on meta tensors at the real shapes of
 codegen-350M, 2B, 6B and 16B, engine defaults, max_model_len = n_positions =
-2048): decode steps of 1, 8, 32 and 64 rows, every sequence at a context of
-2048 tokens, and prefill steps of 512 and 2048 tokens (one prompt each), in
+2048): decode steps of 1, 8, 32 and 64 rows and verify steps (speculative
+decoding, 5 tokens a row) of as many, every sequence at a context of 2048
+tokens, and prefill steps of 512 and 2048 tokens (one prompt each), in
 float16 and bfloat16. Each distinct specialisation is compiled ahead of time
 for sm_90 with Triton's compiler and ptxas (about three minutes on two cores;
 Triton keeps the results in its cache, ~/.triton/cache, so a rerun takes
@@ -282,12 +283,12 @@ class Cost:
 def contexts(shape: kl.EngineShape, step: kl.Step) -> list[int]:
     """Each sequence's context in a step, as the report assumes it.
 
-    Decode: every row a sequence at the full context, max_model_len. Prefill:
+    Decode and verify: every row a sequence at the full context, max_model_len. Prefill:
     the step's tokens packed into prompts of max_model_len (the last one
     shorter), nothing cached before them, as `engine_steps` packs them.
     """
     n = shape.max_model_len
-    if step.kind == "decode":
+    if step.kind in ("decode", "verify"):
         return [n] * step.rows
     return [n] * (step.tokens // n) + ([step.tokens % n] if step.tokens % n else [])
 
@@ -404,8 +405,17 @@ def decode_split_cost(v: LaunchView) -> Cost:
 
 
 def decode_combine_cost(v: LaunchView) -> Cost:
-    """Decode attention's second kernel: the partials read, each sequence's output written."""
-    return Cost(v.nbytes("PART_OUT", "PART_MAX", "PART_SUM") + v.step.rows * v.shape.config.n_embd * v.elem, 0)
+    """Decode (and verify) attention's second kernel: the partials read, each token's output written."""
+    return Cost(v.nbytes("PART_OUT", "PART_MAX", "PART_SUM") + v.tokens * v.shape.config.n_embd * v.elem, 0)
+
+
+def verify_split_cost(v: LaunchView) -> Cost:
+    """Verify attention's first kernel: the step's queries, each sequence's K and V over its context, its length
+    and start once, and the per-split partials written; QK^T and PV of every query over its context."""
+    ctxs, d = v.contexts(), v.shape.config.n_embd
+    per_row = v.tokens // max(len(ctxs), 1)
+    total = v.tokens * d * v.elem + len(ctxs) * 2 * _INDEX + _kv_bytes(v, ctxs)
+    return Cost(total + v.nbytes("PART_OUT", "PART_MAX", "PART_SUM"), 4 * d * per_row * sum(ctxs))
 
 
 def prefill_attention_cost(v: LaunchView) -> Cost:
@@ -424,6 +434,7 @@ COST_MODELS: Mapping[str, Callable[[LaunchView], Cost]] = MappingProxyType(
         "_prefill_kernel": prefill_attention_cost,
         "_split_kernel": decode_split_cost,
         "_combine_kernel": decode_combine_cost,
+        "_verify_split_kernel": verify_split_cost,
         "_out_proj_kernel": out_proj_cost,
     }
 )
@@ -466,7 +477,7 @@ class Row:
     model: str
     dtype: str
     step: str
-    kind: str  # "decode" or "prefill" (kernel_launches.Step.kind)
+    kind: str  # "decode", "verify" or "prefill" (kernel_launches.Step.kind)
     rows: int
     tokens: int
     grid: list
@@ -505,12 +516,13 @@ class ReportConfig:
     models: tuple[str, ...] = kl.REAL_MODELS
     dtypes: tuple[str, ...] = ("float16", "bfloat16")
     decode_rows: tuple[int, ...] = (1, 8, 32, 64)
+    verify_rows: tuple[int, ...] = (1, 8, 32, 64)  # k + 1 = 5 tokens each (speculative decoding)
     prefill_tokens: tuple[int, ...] = (512, 2048)
     arch: int = 90
     device: Device = H200
 
 
-# --quick: the smallest and largest decode batch and one prefill: every kernel, fewer specialisations.
+# --quick: the smallest and largest decode and verify batch and one prefill: every kernel, fewer specialisations.
 QUICK_DECODE_ROWS = (1, 64)
 QUICK_PREFILL_TOKENS = (512,)
 
@@ -550,7 +562,7 @@ def build_report(config: ReportConfig, progress: Callable[[str], None] = lambda 
     for model in config.models:
         for dtype in config.dtypes:
             (shape,) = kl.engine_shapes([model], [getattr(torch, dtype)], test_shapes=False, num_sms=config.device.sms)
-            for step in kl.engine_steps(shape, config.decode_rows, config.prefill_tokens):
+            for step in kl.engine_steps(shape, config.decode_rows, config.prefill_tokens, config.verify_rows):
                 for launch in kl.record_launches(shape, [step]):
                     key = kl.specialization_key(launch)
                     if key not in compiled:
@@ -612,7 +624,9 @@ def summarize(rows: Sequence[Row]) -> list[StepSummary]:
 
 GEMM_KERNELS = frozenset({"_in_proj_kernel", "_out_proj_kernel"})
 DECODE_SPLIT_KERNELS = frozenset({"_in_proj_kernel", "_out_proj_kernel", "_split_kernel"})
-MAIN_LOOP_KERNELS = frozenset({"_in_proj_kernel", "_out_proj_kernel", "_prefill_kernel", "_split_kernel"})
+MAIN_LOOP_KERNELS = frozenset(
+    {"_in_proj_kernel", "_out_proj_kernel", "_prefill_kernel", "_split_kernel", "_verify_split_kernel"}
+)
 MAX_STACK = 64  # bytes: ptxas's own frame for calls; local memory (spills) must be 0
 WGMMA_MIN_TOKENS = 512
 
@@ -649,9 +663,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "decode-fills-waves",
-        f"decode GEMMs and decode attention's split kernel run at least {MIN_WAVES} waves or fill at least "
-        f"{MIN_LAST_WAVE_FILL:.0%} of their last",
-        applies=lambda r: r.ok and r.kind == "decode" and r.kernel in DECODE_SPLIT_KERNELS,
+        f"decode GEMMs and the split kernels of decode and verify attention run at least {MIN_WAVES} waves or "
+        f"fill at least {MIN_LAST_WAVE_FILL:.0%} of their last",
+        applies=lambda r: r.ok and (
+            (r.kind == "decode" and r.kernel in DECODE_SPLIT_KERNELS)
+            or (r.kind == "verify" and r.kernel == "_verify_split_kernel")
+        ),
         holds=lambda r: meets_wave_rule(r.waves, r.last_wave_fill),
         shows=lambda r: f"programs={r.programs} resident/SM={r.resident_per_sm} ({r.occupancy_limit}) "
         f"waves={r.waves:.2f} last wave {r.last_wave_fill:.0%} full",
@@ -815,8 +832,9 @@ def format_markdown(
         f"- commit: {p['commit']}",
         f"- Triton {p['triton']}, Python {p['python']}, target {p['target']}",
         f"- device model: {p['device']}",
-        f"- launches: decode steps of {', '.join(map(str, config.decode_rows))} rows (every sequence at a context "
-        f"of max_model_len = 2048), prefill steps of {', '.join(map(str, config.prefill_tokens))} tokens (one "
+        f"- launches: decode steps of {', '.join(map(str, config.decode_rows))} rows and verify steps of "
+        f"{', '.join(map(str, config.verify_rows))} rows of {kl.VERIFY_TOKENS_PER_ROW} tokens (every sequence at a "
+        f"context of max_model_len = 2048), prefill steps of {', '.join(map(str, config.prefill_tokens))} tokens (one "
         f"prompt each); {', '.join(config.dtypes)}; one layer's launches, times the model's layer count in the "
         "step floors",
         f"- made with: `{command}`",
@@ -890,7 +908,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         models=tuple(args.models), dtypes=tuple(args.dtypes), arch=args.arch, device=DEVICES[args.device]
     )
     if args.quick:
-        config = dataclasses.replace(config, decode_rows=QUICK_DECODE_ROWS, prefill_tokens=QUICK_PREFILL_TOKENS)
+        config = dataclasses.replace(
+            config, decode_rows=QUICK_DECODE_ROWS, verify_rows=QUICK_DECODE_ROWS, prefill_tokens=QUICK_PREFILL_TOKENS
+        )
 
     def progress(line: str) -> None:
         if args.progress:

@@ -9,6 +9,7 @@ reference the kernel tests compare against) plus its launch options:
     in_proj.py            ln(x) @ [q|k|v|fc_in]^T + rotary + paged K/V store + gelu_new, split-K for decode
     prefill_attention.py  paged flash attention over ragged prompts (cached prefixes included)
     decode_attention.py   split-K paged attention for one new token per sequence, graph-safe grid
+    verify_attention.py   the same split-K for up to 16 new tokens per sequence (speculative verify steps)
     out_proj.py           [attn | gelu_h] @ [out_proj | fc_out]^T + bias + residual, split-K for decode
 
 and what they share:

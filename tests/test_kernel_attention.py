@@ -1,4 +1,4 @@
-"""The paged attention kernels (prefill and split-K decode) against the PyTorch reference.
+"""The paged attention kernels (prefill, split-K decode and verify) against the PyTorch reference.
 
 Block tables are shuffled (non-contiguous) and padded; sequences cross block
 boundaries, have a cached prefix before their new tokens, or hold a single
@@ -16,6 +16,7 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_TOL, poisoned_allocati
 from fastcodegen.kernels.decode_attention import decode_attention
 from fastcodegen.kernels.prefill_attention import paged_attention
 from fastcodegen.kernels.settings import num_splits
+from fastcodegen.kernels.verify_attention import MAX_QUERIES, verify_attention
 from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference
 
 HEAD_DIMS = [64, 80, 256]
@@ -126,6 +127,43 @@ def test_decode_attention_matches_reference(splits, head_dim, dtype, fresh_seed,
     )  # fmt: skip
     torch.testing.assert_close(got[:real], expect, **KERNEL_TOL[dtype])
     assert torch.equal(got[real], torch.zeros_like(got[real]))
+
+
+# (query_len, context_len) per sequence of a verify step: proposals at the end of contexts that cross blocks
+# and key tiles, a sequence with one token (nothing proposed), a short prompt (its context is its query), the
+# most queries a sequence may have, one whose last split holds only keys its first queries must not see
+# (129 over 3 splits: [128, 129)), and a graph's padding row (no tokens, context 0).
+VERIFY_BATCH = [(5, 150), (1, 17), (3, 3), (MAX_QUERIES, 40), (5, 129), (0, 0)]
+
+
+@pytest.mark.parametrize("splits", [1, 3, "planned"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_verify_attention_matches_reference(splits, head_dim, dtype, fresh_seed, monkeypatch):
+    g = torch.Generator().manual_seed(fresh_seed)
+    q_lens = [q for q, _ in VERIFY_BATCH]
+    ctx = [c for _, c in VERIFY_BATCH]
+    k_cache, v_cache, tables = _cache(ctx, head_dim, dtype, g)
+    dev = KERNEL_DEVICE
+    real = sum(q_lens)
+    # Three more tokens that belong to no sequence, as a graph's bucket pads a step's tokens.
+    q = torch.randn(real + 3, N_HEAD, head_dim, generator=g).to(dev, dtype)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+    grid = dict(max_model_len=2048) if splits == "planned" else dict(splits=splits)
+    with poisoned_allocations(monkeypatch) as made:
+        got = verify_attention(q, k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx), **grid)
+    assert was_poisoned(got, made)
+    expect = paged_attention_reference(q[:real], k_cache, v_cache, tables, lens, starts, max(q_lens), max(ctx))
+    torch.testing.assert_close(got[:real], expect, **KERNEL_TOL[dtype])
+
+
+def test_verify_attention_refuses_longer_queries():
+    q = torch.zeros(MAX_QUERIES + 1, N_HEAD, 64)
+    cache = torch.zeros(2, BLOCK_SIZE, N_HEAD, 64)
+    starts = torch.tensor([0, MAX_QUERIES + 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"at most {MAX_QUERIES} new tokens"):
+        verify_attention(q, cache, cache, torch.zeros(1, 2, dtype=torch.int32), starts[1:], starts, MAX_QUERIES + 1, 17)
 
 
 def test_decode_equals_prefill_of_one_token(fresh_seed):

@@ -164,3 +164,35 @@ def test_decode_attention_real_shapes(size, batch, dtype, fresh_seed, monkeypatc
     ref = paged_attention_reference(q[:batch], k, v, tables[:batch], lens[:batch], starts, 1, max(ctx))
     torch.testing.assert_close(got[:batch], ref, **KERNEL_TOL[dtype])
     assert torch.equal(got[batch:], torch.zeros_like(got[batch:]))
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_verify_attention_real_shapes(size, batch, dtype, fresh_seed, monkeypatch):
+    """Speculative decoding's verify steps: 1 to 16 queries at the end of each context, graph padding after."""
+    from conftest import poisoned_allocations, was_poisoned
+    from fastcodegen.kernels.settings import device_sms
+    from fastcodegen.kernels.verify_attention import MAX_QUERIES, verify_attention
+    from fastcodegen.models.torch_ops import paged_attention as paged_attention_reference
+
+    c = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    host = torch.Generator().manual_seed(fresh_seed)
+    q_lens = torch.randint(1, MAX_QUERIES + 1, (batch,), generator=host).tolist()
+    ctx = [q + int(torch.randint(0, c.n_positions - q + 1, (), generator=host)) for q in q_lens]
+    pad = 3  # padding rows of a verify graph's bucket (no tokens, context 0) and as many padding tokens
+    k, v, tables = _paged(ctx + [0] * pad, c, dtype, g, fresh_seed)
+    real = sum(q_lens)
+    q = _rand(g, real + pad, c.n_head, c.head_dim, dtype=dtype)
+    ends = torch.tensor(q_lens).cumsum(0).tolist() + [real] * pad
+    starts = torch.tensor([0] + ends, dtype=torch.int32, device="cuda")
+    lens = torch.tensor(ctx + [0] * pad, dtype=torch.int32, device="cuda")
+    with poisoned_allocations(monkeypatch) as made:
+        got = verify_attention(
+            q, k, v, tables, lens, starts, max(q_lens), max(ctx), max_model_len=c.n_positions,
+            num_sms=device_sms(q.device),
+        )  # fmt: skip
+    assert was_poisoned(got, made)
+    ref = paged_attention_reference(q[:real], k, v, tables, lens, starts, max(q_lens), max(ctx))
+    torch.testing.assert_close(got[:real], ref, **KERNEL_TOL[dtype])

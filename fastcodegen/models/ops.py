@@ -1,7 +1,8 @@
 """The model's per-layer operations, run the same way over any backend's table of four kernels.
 
 A backend is a `Kernels` table (in_proj, prefill attention, decode attention,
-out_proj): `TORCH`, the plain PyTorch functions of `torch_ops.py`, or the
+out_proj, and optionally an attention for steps of a few new tokens per
+sequence): `TORCH`, the plain PyTorch functions of `torch_ops.py`, or the
 Triton kernels' table (`triton_kernels`), which carries their launch state.
 `Ops` holds what the calls share and makes them; `make_ops` builds it for a
 backend.
@@ -39,7 +40,10 @@ class Kernels:
     in_proj, prefill_attention, decode_attention and out_proj take the
     positional arguments of `torch_ops.in_proj`, `paged_attention`,
     `decode_attention` and `out_proj`; `projection_options` go to in_proj and
-    out_proj, `decode_options` to decode_attention.
+    out_proj, `decode_options` to decode_attention. `verify_attention`, when
+    set, takes `paged_attention`'s arguments and `decode_options` and serves
+    steps of at most `verify_max_query_len` new tokens per sequence
+    (speculative decoding's verify steps) that are not decode steps.
     """
 
     name: str
@@ -49,6 +53,8 @@ class Kernels:
     out_proj: Callable[..., torch.Tensor]
     projection_options: Mapping[str, Any] = field(default_factory=_no_options)
     decode_options: Mapping[str, Any] = field(default_factory=_no_options)
+    verify_attention: Optional[Callable[..., torch.Tensor]] = None
+    verify_max_query_len: int = 0
 
 
 TORCH = Kernels("torch", torch_ops.in_proj, torch_ops.paged_attention, torch_ops.decode_attention, torch_ops.out_proj)
@@ -68,7 +74,7 @@ def triton_kernels(
     (tools that plan a GPU's launches on another device).
     """
     # Imported here: the kernels need Triton, the rest of the engine does not.
-    from ..kernels import decode_attention, in_proj, out_proj, prefill_attention, settings
+    from ..kernels import decode_attention, in_proj, out_proj, prefill_attention, settings, verify_attention
 
     num_sms = settings.device_sms(device) if num_sms is None else num_sms
     interpreted = settings.interpreted_on(device) if interpreted is None else interpreted
@@ -84,6 +90,8 @@ def triton_kernels(
         out_proj.out_proj,
         projection_options=MappingProxyType({"counters": counters, "num_sms": num_sms, "interpreted": interpreted}),
         decode_options=MappingProxyType({"max_model_len": max_model_len, "num_sms": num_sms}),
+        verify_attention=verify_attention.verify_attention,
+        verify_max_query_len=verify_attention.MAX_QUERIES,
     )
 
 
@@ -124,6 +132,12 @@ class Ops:
             out = k.decode_attention(
                 heads, k_cache, v_cache, step.block_tables, step.context_lens, step.max_context_len,
                 **k.decode_options,
+            )  # fmt: skip
+        elif k.verify_attention is not None and step.max_query_len <= k.verify_max_query_len:
+            # A few new tokens per row at the end of their contexts: split over the context like decode.
+            out = k.verify_attention(
+                heads, k_cache, v_cache, step.block_tables, step.context_lens, step.query_start_loc,
+                step.max_query_len, step.max_context_len, **k.decode_options,
             )  # fmt: skip
         else:
             out = k.prefill_attention(
