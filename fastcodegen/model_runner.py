@@ -11,8 +11,9 @@ zeros).
 With speculative decoding, a step that is not a decode step but whose every
 row has at most k + 1 new tokens (a verify step: each speculating sequence's
 last token and its k proposals, beside plain decodes) replays a verify graph:
-bucket B was captured with B rows and B * (k + 1) tokens through the prefill
-attention kernel, whose grid depends on those counts alone. Its padding
+bucket B was captured with B rows and B * (k + 1) tokens through the verify
+attention kernel (or the prefill one past 16 tokens a row), whose grids
+depend on those counts alone. Its padding
 tokens store nothing and belong to no row; its padding rows have no tokens.
 The draft model's decode passes replay graphs of their own (draft.py).
 """
