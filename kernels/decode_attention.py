@@ -34,6 +34,24 @@ from . import settings
 
 
 @triton.jit
+def _kv_tile(
+    K_CACHE, V_CACHE, ids, h, n0, end, stride_cb, stride_cs, stride_ch,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_PAD: tl.constexpr,
+):  # fmt: skip
+    """Head h's keys and values at positions n0 .. n0 + BLOCK_N of a sequence whose block ids are `ids` (read
+    before the loop), zeros from `end` on: (kpos, k_ok [BLOCK_N], k, v [BLOCK_N, HD_PAD])."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    k_ok = kpos < end
+    d = tl.arange(0, HD_PAD)
+    block = tl.gather(ids, tl.minimum(kpos // PAGE, TABLE_PAD - 1), axis=0)
+    row = block.to(tl.int64) * stride_cb + (kpos % PAGE) * stride_cs + h * stride_ch  # [BLOCK_N]
+    kv_mask = k_ok[:, None] & (d < HD)[None, :]
+    k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return kpos, k_ok, k, v
+
+
+@triton.jit
 def _split_kernel(
     Q,  # [B, H, HD]: sequence stride stride_qb, head stride stride_qh, dims contiguous
     K_CACHE, V_CACHE,  # [num_blocks, PAGE, H, HD]: block, slot and head strides stride_cb, stride_cs, stride_ch
@@ -70,13 +88,9 @@ def _split_kernel(
     slots = tl.arange(0, TABLE_PAD)
     ids = tl.load(BLOCK_TABLES + b * stride_bt + slots, mask=slots < tl.cdiv(ctx, PAGE), other=0)
     for n0 in range(start, end, BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = kpos < end
-        block = tl.gather(ids, tl.minimum(kpos // PAGE, TABLE_PAD - 1), axis=0)
-        row = block.to(tl.int64) * stride_cb + (kpos % PAGE) * stride_cs + h * stride_ch  # [BLOCK_N]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        kpos, k_ok, k, v = _kv_tile(
+            K_CACHE, V_CACHE, ids, h, n0, end, stride_cb, stride_cs, stride_ch, HD, HD_PAD, PAGE, BLOCK_N, TABLE_PAD
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale  # [16, BLOCK_N] float32
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import decode_attention, settings
+from .decode_attention import _kv_tile
 
 # Queries per sequence: the rows of the smallest tl.dot operand, which decode already pays for.
 MAX_QUERIES = 16
@@ -81,13 +82,9 @@ def _verify_split_kernel(
     # The block ids are read once, before the loop, so that no K or V load waits on a load of its iteration.
     ids = tl.load(BLOCK_TABLES + b * stride_bt + slots, mask=slots < tl.cdiv(ctx, PAGE), other=0)
     for n0 in range(start, end, BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = kpos < end
-        block = tl.gather(ids, tl.minimum(kpos // PAGE, TABLE_PAD - 1), axis=0)
-        row = block.to(tl.int64) * stride_cb + (kpos % PAGE) * stride_cs + h * stride_ch  # [BLOCK_N]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        kpos, k_ok, k, v = _kv_tile(
+            K_CACHE, V_CACHE, ids, h, n0, end, stride_cb, stride_cs, stride_ch, HD, HD_PAD, PAGE, BLOCK_N, TABLE_PAD
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale  # [QUERIES, BLOCK_N] float32
         s = tl.where(k_ok[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
