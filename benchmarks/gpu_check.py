@@ -88,7 +88,9 @@ ENGINE_TEST_FILES = ("tests/test_backend_parity.py", "tests/test_cuda.py", "test
 # --cpu: the parity file's CPU tests but its scheduler fuzz test, minutes on two cores (the test run has it anyway).
 CPU_ENGINE_TESTS = ("tests/test_backend_parity.py", "-m", "not gpu", "-k", "not fuzz")
 # Two interpreter kernel tests for --cpu: prefill and split-K decode attention, head_dim 64, float16.
-CPU_KERNEL_TESTS = ("tests/test_kernel_attention.py", "-k", "float16-64-single or float16-64-1")
+CPU_KERNEL_TESTS = (
+    "tests/test_kernel_attention.py", "-k", "prefill and float16-64-single or decode_attention and float16-64-1"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from .config import EngineConfig
-
-if TYPE_CHECKING:  # kv_cache.py sizes the graphs' memory from the buckets below
-    from .kv_cache import KVCache
-    from .models.codegen import CodeGenModel
-    from .step import StepInputs
+from .kv_cache import KVCache
+from .models.codegen import CodeGenModel
+from .step import StepInputs
 
 logger = logging.getLogger("fastcodegen")
 

@@ -77,15 +77,15 @@ def graph_bytes(model: ModelConfig, engine: EngineConfig, verify: bool = True) -
     largest bucket: decode steps of every sequence and, with `verify` and
     speculative decoding, verify steps of k + 1 tokens a row.
     """
-    from .cuda_graphs import verify_buckets
-
     if not engine.uses_cuda_graphs:
         return 0
     element = torch.empty((), dtype=engine.dtype).element_size()
     d, f, v = model.n_embd, model.n_inner, model.vocab_size
     outputs = [engine.max_num_seqs]
-    if verify and verify_buckets(engine):
-        outputs.append(verify_buckets(engine)[-1] * (engine.num_speculative_tokens + 1))
+    k = engine.num_speculative_tokens
+    if verify and k:  # at most cuda_graphs.verify_buckets' largest bucket's tokens
+        speculating = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
+        outputs.append(min(speculating * (k + 1), engine.max_num_batched_tokens))
     largest = max(outputs)
     transient = 2 * largest * _activations_per_token(model) * element + largest * v * (element + 4)
     return transient + sum(outputs) * v * 4 + split_k_scratch_bytes(3 * d + f)

@@ -282,6 +282,26 @@ def hf_greedy(
     return out[0, len(prompt) :].tolist()
 
 
+# float32 logits of two paths (a cached decode against a recomputed prefill) differ in the last bits: a greedy
+# pick between tokens this close may go either way.
+NEAR_TIE = 1e-4
+
+
+def assert_greedy_equal(model, prompt: list[int], got: list[int], max_new_tokens: int) -> None:
+    """`got` is transformers' greedy continuation, up to a float32 near-tie: where they first part, both picks
+    are within NEAR_TIE of the best logit of transformers' forward over what came before (nothing after is
+    compared: the two continuations have parted)."""
+    want = hf_greedy(model, prompt, max_new_tokens)
+    if got == want:
+        return
+    i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    assert i < min(len(got), len(want)), (got, want)  # one stopped early
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + got[:i]])).logits[0, -1, :TOKENIZER_SIZE].float()
+    best = logits.max().item()
+    assert best - logits[got[i]].item() <= NEAR_TIE and best - logits[want[i]].item() <= NEAR_TIE, (i, got, want)
+
+
 @pytest.fixture
 def engine_factory(checkpoint):
     """engine_factory(shape, **engine kwargs) -> (Engine on the CPU, the transformers model)."""

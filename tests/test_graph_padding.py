@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import INTERPRETED, hf_greedy, repetitive_prompts
+from conftest import INTERPRETED, assert_greedy_equal, repetitive_prompts
 from fastcodegen import Engine, SamplingParams, draft, model_runner
 from fastcodegen.config import EngineConfig
 from fastcodegen.cuda_graphs import CudaGraphs
@@ -53,13 +53,13 @@ def graphed(monkeypatch):
 
 
 def _check(engine, hf, prompts, max_tokens):
-    """Greedy output equals transformers'; the sequences end one by one (max_tokens, max_tokens - 4, ...), so the
+    """Greedy output equals transformers' (up to float32 near-ties); the sequences end one by one (max_tokens, max_tokens - 4, ...), so the
     steps' row counts step down through the buckets."""
     lengths = [max(2, max_tokens - 4 * i) for i in range(len(prompts))]
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in lengths]
     outs = engine.generate(prompt_token_ids=prompts, sampling_params=params)
     for prompt, out, n in zip(prompts, outs, lengths):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, n)
+        assert_greedy_equal(hf, prompt, out.outputs[0].token_ids, n)
     engine._scheduler.check()
     assert engine.num_free_kv_blocks == engine.stats.num_blocks
 

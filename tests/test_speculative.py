@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import (
-    EOS_ID, SHAPES, TOKENIZER_SIZE, Shape, build_hf_model, hf_greedy, perturb, repetitive_prompts, save_checkpoint,
+    EOS_ID, SHAPES, TOKENIZER_SIZE, Shape, assert_greedy_equal, build_hf_model, hf_greedy, perturb, repetitive_prompts,
+    save_checkpoint,
 )  # fmt: skip
 from fastcodegen import Engine, SamplingParams, _C
 
@@ -208,7 +209,8 @@ def test_preemption_and_abort_while_speculating(engine_factory, fresh_seed):
     outs = engine.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=50, **GREEDY))
     assert engine.stats.preemptions > 0 and engine.stats.spec_accepted > 0
     for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 50)
+        # A preempted sequence's tokens are recomputed as a prompt: a near-tie may then go the other way.
+        assert_greedy_equal(hf, prompt, out.outputs[0].token_ids, 50)
     engine._scheduler.check()
     assert engine.num_free_kv_blocks == engine.kv_cache_tokens // 16
     rid = engine.add_request(prompt_token_ids=prompts[0], sampling_params=SamplingParams(max_tokens=50, **GREEDY))
