@@ -144,7 +144,9 @@ def test_n_samples_share_one_scored_prompt(engine_factory, fresh_seed):
     [prompt] = random_prompts([21], fresh_seed)
     [out] = engine.generate(
         prompt_token_ids=[prompt],
-        sampling_params=SamplingParams(n=3, temperature=1.0, seed=fresh_seed % 1000, max_tokens=5, prompt_logprobs=2),
+        sampling_params=SamplingParams(
+            n=3, temperature=1.0, seed=fresh_seed % 1000, max_tokens=5, prompt_logprobs=2, ignore_eos=True
+        ),  # a sample may draw end-of-text: every one runs its 5 tokens
     )
     assert len(out.outputs) == 3 and all(len(c.token_ids) == 5 for c in out.outputs)
     check(out.prompt_logprobs, reference(hf, prompt, 2))
