@@ -664,7 +664,7 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
         if not budget.allows(plan.startup_s + 10.0):
             yield Row("speculative", f"draft decode step {plan.spec_draft}", None, "ms", note=OUT_OF_TIME)
             return
-        draft = _step_times(plan.spec_draft, plan, SPEC_K + 1)[1]
+        draft = _step_times(plan.spec_draft, plan, SPEC_K + 1, verify_graphs=False)[1]
         draft_ms = draft.decode_graph if draft.decode_graph is not None else draft.decode
         yield Row("speculative", f"draft decode step {plan.spec_draft}", draft_ms, "ms", note=draft.note())
     except Exception as e:
@@ -691,7 +691,7 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
         how = "CUDA graphs" if graphed else "eager"
         yield Row("speculative", label, verify_ms / plain_ms, "x", f"decode step ({how})", plain_ms, note=t.note())
         for a in SPEC_ACCEPTANCE:
-            tokens = (1 - a ** (SPEC_K + 1)) / (1 - a)
+            tokens = _tokens_per_verify(a)
             per_token = (verify_ms + (SPEC_K + 1) * draft_ms) / tokens
             yield Row("speculative", f"projected ms/token {name}, acceptance {a:.1f}, k={SPEC_K}", per_token, "ms/token",
                       "bandwidth floor of plain decode", floor_ms, floor_ms / per_token,
@@ -706,6 +706,11 @@ def speculative(plan: Plan, copy_gbps: float, budget: Budget) -> Iterator[Row]:
                       note=f"{b.note()}; prompt lookup pays from acceptance {_break_even(ratio)}")  # fmt: skip
 
 
+def _tokens_per_verify(a: float) -> float:
+    """Tokens a verify step of k = SPEC_K proposals yields at acceptance rate a: 1 + a + ... + a^k."""
+    return sum(a**j for j in range(SPEC_K + 1))
+
+
 def _break_even(ratio: float) -> str:
     """The acceptance rate from which a verify step yields more tokens than the `ratio` decode steps it costs."""
     if ratio <= 1.0:
@@ -713,9 +718,9 @@ def _break_even(ratio: float) -> str:
     if ratio >= SPEC_K + 1:
         return f"none (a verify step costs {ratio:.2f} decode steps, more than its {SPEC_K + 1} tokens at best)"
     lo, hi = 0.0, 1.0
-    for _ in range(50):  # tokens(a) = 1 + a + ... + a^k increases with a
+    for _ in range(50):  # the tokens a verify step yields increase with a
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sum(mid**j for j in range(SPEC_K + 1)) < ratio else (lo, mid)
+        lo, hi = (mid, hi) if _tokens_per_verify(mid) < ratio else (lo, mid)
     return f"{hi:.2f}"
 
 
@@ -737,9 +742,11 @@ class StepTimes:
         return out
 
 
-def _step_times(name: str, plan: Plan, verify_tokens: int, batches: tuple[int, ...] = (1,)) -> dict[int, StepTimes]:
+def _step_times(
+    name: str, plan: Plan, verify_tokens: int, batches: tuple[int, ...] = (1,), verify_graphs: bool = True
+) -> dict[int, StepTimes]:
     """By batch size: R sequences' decode steps and `verify_tokens`-token steps, eager, and at batch 1 replayed
-    from the engine's graphs too."""
+    from the engine's graphs too (its verify graphs only with `verify_graphs`: a draft's are never replayed)."""
     from fastcodegen.step import SHAPE_FIELDS, StepInputs
 
     dev = plan.device
@@ -747,7 +754,7 @@ def _step_times(name: str, plan: Plan, verify_tokens: int, batches: tuple[int, .
     bs = 16
     per_seq = -(-(context + verify_tokens) // bs)  # blocks a sequence's table addresses
     kv_tokens = max(max(batches) * per_seq * bs, model_config(name).n_positions)  # one full-length sequence at least
-    spec = dict(speculative_model="[ngram]", num_speculative_tokens=verify_tokens - 1)
+    spec = dict(speculative_model="[ngram]", num_speculative_tokens=verify_tokens - 1) if verify_graphs else {}
     with engine_for(name, plan, max_num_seqs=8, block_size=bs, kv_cache_tokens=kv_tokens, **spec) as engine:
         runner = engine._runner
 

@@ -360,6 +360,13 @@ class EngineConfig:
         return self.speculative_model if self.speculative_model not in (None, NGRAM) else None
 
     @property
+    def speculating_rows(self) -> int:
+        """Most sequences that verify proposals in one step (0 without speculative decoding)."""
+        if not self.num_speculative_tokens:
+            return 0
+        return min(self.max_num_seqs, self.speculative_max_rows or self.max_num_seqs)
+
+    @property
     def max_samples(self) -> int:
         """Most logits rows one step samples (the native scheduler's rule)."""
         from . import _C

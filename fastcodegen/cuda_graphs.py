@@ -43,11 +43,8 @@ def default_buckets(max_rows: int) -> list[int]:
 def verify_buckets(engine: EngineConfig) -> list[int]:
     """The verify graphs' buckets of rows: up to the most sequences that speculate in one step, none without
     speculative decoding. A bucket of B rows runs B * (k + 1) tokens, so none exceeds max_num_batched_tokens."""
-    k = engine.num_speculative_tokens
-    if not k:
-        return []
-    rows = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
-    return [b for b in default_buckets(rows) if b * (k + 1) <= engine.max_num_batched_tokens]
+    rows, k = engine.speculating_rows, engine.num_speculative_tokens
+    return [b for b in default_buckets(rows) if b * (k + 1) <= engine.max_num_batched_tokens] if rows else []
 
 
 class CudaGraphs:

@@ -1,8 +1,8 @@
 """A draft model for speculative decoding: its proposals, and its own paged KV cache under the target's block tables.
 
-The draft computes every token the target does, in the same slots of its own
-cache (same block size and number of blocks, so the scheduler's one block
-table addresses both): after each target forward it runs the same step, and
+The draft's cache holds every token the target's does, in the same slots
+(same block size and number of blocks, so the scheduler's one block table
+addresses both): its passes compute each token the target computes, and
 block copies are made in both caches. No second allocator is needed, and the
 prefix cache's blocks hold the draft's K/V of their tokens too.
 
@@ -217,9 +217,6 @@ class DraftModel:
         tensors["query_start_loc"] = torch.as_tensor(kept_starts, dtype=torch.int32, device=device)
         shape = dev.shape() | {"num_tokens": len(keep), "max_query_len": int(counts.max()), "is_decode": False}
         self.model.forward(StepInputs(shape, tensors), self.kv_cache)
-
-    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
 
 
 def _upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:

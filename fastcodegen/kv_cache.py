@@ -33,6 +33,10 @@ class KVCache:
             (config.n_layer, 2, num_blocks, block_size, config.n_head, config.head_dim), device=device, dtype=dtype
         )
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies whole blocks src -> dst (device index tensors), every layer, K and V."""
+        self.data[:, :, dst] = self.data[:, :, src]
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of layer i, each [num_blocks, block_size, n_head, head_dim]."""
         return self.data[i, 0], self.data[i, 1]
@@ -82,10 +86,9 @@ def graph_bytes(model: ModelConfig, engine: EngineConfig, verify: bool = True) -
     element = torch.empty((), dtype=engine.dtype).element_size()
     d, f, v = model.n_embd, model.n_inner, model.vocab_size
     outputs = [engine.max_num_seqs]
-    k = engine.num_speculative_tokens
-    if verify and k:  # at most cuda_graphs.verify_buckets' largest bucket's tokens
-        speculating = min(engine.max_num_seqs, engine.speculative_max_rows or engine.max_num_seqs)
-        outputs.append(min(speculating * (k + 1), engine.max_num_batched_tokens))
+    if verify and engine.speculating_rows:  # at most cuda_graphs.verify_buckets' largest bucket's tokens
+        tokens = engine.speculating_rows * (engine.num_speculative_tokens + 1)
+        outputs.append(min(tokens, engine.max_num_batched_tokens))
     largest = max(outputs)
     transient = 2 * largest * _activations_per_token(model) * element + largest * v * (element + 4)
     return transient + sum(outputs) * v * 4 + split_k_scratch_bytes(3 * d + f)

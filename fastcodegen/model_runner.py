@@ -195,9 +195,9 @@ class ModelRunner:
     def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copies whole KV blocks (every layer, K and V): a sample's own copy of a block it shared."""
         src, dst = src.to(self.device), dst.to(self.device)
-        self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
-        if self.draft is not None:
-            self.draft.copy_blocks(src, dst)
+        self.kv_cache.copy_blocks(src, dst)
+        if self.draft is not None:  # its cache is addressed by the same block tables
+            self.draft.kv_cache.copy_blocks(src, dst)
 
     def close(self) -> None:
         """Drops the graphs, the KV cache, the weights and the device buffers; on CUDA their memory returns to the device."""
